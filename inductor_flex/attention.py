@@ -1,0 +1,91 @@
+"""The public ``flex_attention`` entry point: validation, backend choice, return conventions."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from .block_mask import BlockMask
+from .mods import check_arity
+from .reference import math_attention
+from .validation import validate_inputs, validate_kernel_options
+
+log = logging.getLogger("inductor_flex")
+
+
+@dataclass(frozen=True)
+class AuxRequest:
+    """Which auxiliary outputs to return alongside the attention output."""
+
+    lse: bool = False
+    max_scores: bool = False
+
+
+@dataclass
+class AuxOutput:
+    """Auxiliary outputs: natural-log logsumexp and row max of the (modded) scores, (B, Hq, Lq)."""
+
+    lse: Optional[torch.Tensor] = None
+    max_scores: Optional[torch.Tensor] = None
+
+
+def _choose_backend(opts, query, score_mod, block_mask) -> str:
+    backend = opts["BACKEND"]
+    if backend != "AUTO":
+        return backend
+    if query.device.type == "cuda" and query.dtype != torch.float64:
+        from .kernel import kernel_supports
+
+        reason = kernel_supports(query.shape[-1], None, block_mask)
+        if reason is None:
+            return "TRITON"
+        log.info("inductor_flex: using the math path (%s)", reason)
+    return "MATH"
+
+
+def flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod: Optional[Callable] = None,
+    block_mask: Optional[BlockMask] = None,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    kernel_options: Optional[dict] = None,
+    *,
+    return_aux: Optional[AuxRequest] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, AuxOutput]]:
+    """softmax(score_mod(Q Kᵀ · scale) masked by block_mask) V, as one fused kernel where possible.
+
+    query (B, Hq, Lq, E), key (B, Hkv, Lkv, E), value (B, Hkv, Lkv, Ev). ``score_mod(score, b, h,
+    q_idx, kv_idx)`` edits each score; ``block_mask`` (from create_block_mask) skips blocks and
+    applies its mask_mod. Rows with nothing to attend give 0 output and -inf lse.
+    """
+    if torch.compiler.is_compiling():
+        from .hop import flex_attention_hop_call
+
+        return flex_attention_hop_call(
+            query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux
+        )
+    validate_inputs(query, key, value, block_mask, scale, enable_gqa)
+    check_arity(score_mod, "score_mod")
+    if return_aux is not None and not isinstance(return_aux, AuxRequest):
+        raise TypeError(f"return_aux must be an AuxRequest or None, got {type(return_aux).__name__}")
+    if return_lse and return_aux is not None:
+        raise ValueError("pass either return_lse=True or return_aux=AuxRequest(lse=True), not both")
+    opts = validate_kernel_options(kernel_options)
+    backend = _choose_backend(opts, query, score_mod, block_mask)
+    if backend == "MATH":
+        out, lse, max_scores = math_attention(query, key, value, score_mod, block_mask, scale)
+    else:
+        from .kernel import kernel_attention
+
+        out, lse, max_scores = kernel_attention(query, key, value, score_mod, block_mask, scale, opts)
+    if return_aux is not None:
+        return out, AuxOutput(lse=lse if return_aux.lse else None, max_scores=max_scores if return_aux.max_scores else None)
+    if return_lse:
+        return out, lse
+    return out

@@ -1,0 +1,344 @@
+"""BlockMask: which (q block, kv block) tiles a kernel must visit, and which of them need mask_mod.
+
+Layout (same as PyTorch's): for every (b, h, q block) row, ``kv_num_blocks`` counts the *partial*
+kv blocks (mask_mod is true somewhere, false somewhere) and ``kv_indices`` lists them first, in
+ascending order; ``full_kv_*`` do the same for *full* blocks (mask_mod true at every valid
+position, so a kernel may skip evaluating it). The ``q_*`` tensors are the transpose, used by the
+backward kernels that walk query blocks for a fixed kv block.
+
+Building one never materialises the (Q_LEN, KV_LEN) mask: mask_mod is evaluated one chunk of
+query blocks at a time and immediately reduced to per-block any/all.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .mods import check_arity, eval_mask_grid, mod_name, noop_mask
+
+# Elements of the bool grid evaluated per chunk while building a mask (about 32 MB).
+_BUILD_CHUNK_ELEMS = 1 << 25
+
+
+def _normalize_block_size(BLOCK_SIZE) -> Tuple[int, int]:
+    if isinstance(BLOCK_SIZE, int) and not isinstance(BLOCK_SIZE, bool):
+        pair = (BLOCK_SIZE, BLOCK_SIZE)
+    elif isinstance(BLOCK_SIZE, (tuple, list)) and len(BLOCK_SIZE) == 2:
+        pair = tuple(BLOCK_SIZE)
+    else:
+        raise ValueError(f"BLOCK_SIZE must be a positive int or a (q, kv) pair of them, got {BLOCK_SIZE!r}")
+    for v in pair:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"BLOCK_SIZE must be a positive int or a (q, kv) pair of them, got {BLOCK_SIZE!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _ordered_indices(blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """bool (..., n) -> (count int32 (...), indices int32 (..., n)) with the True columns first."""
+    num = blocks.sum(-1, dtype=torch.int32)
+    # stable sort on "not selected" keeps selected columns first and in ascending order
+    idx = torch.argsort((~blocks).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+    return num, idx
+
+
+def _dense_from_indices(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Inverse of _ordered_indices: (count, indices) -> bool (..., n_cols)."""
+    n_idx = idx.shape[-1]
+    valid = torch.arange(n_idx, device=idx.device) < num.unsqueeze(-1).to(torch.int64)
+    dense = torch.zeros(*idx.shape[:-1], n_cols + 1, dtype=torch.bool, device=idx.device)
+    # invalid slots scatter into a spare column that is dropped afterwards
+    target = torch.where(valid, idx.to(torch.int64), torch.full_like(idx, n_cols, dtype=torch.int64))
+    dense.scatter_(-1, target, torch.ones_like(target, dtype=torch.bool))
+    return dense[..., :n_cols]
+
+
+class BlockMask:
+    """Block-sparse description of an attention mask (see the module docstring for the layout)."""
+
+    def __init__(
+        self,
+        seq_lengths: Tuple[int, int],
+        kv_num_blocks: torch.Tensor,
+        kv_indices: torch.Tensor,
+        full_kv_num_blocks: Optional[torch.Tensor],
+        full_kv_indices: Optional[torch.Tensor],
+        q_num_blocks: torch.Tensor,
+        q_indices: torch.Tensor,
+        full_q_num_blocks: Optional[torch.Tensor],
+        full_q_indices: Optional[torch.Tensor],
+        BLOCK_SIZE: Tuple[int, int],
+        mask_mod: Optional[Callable],
+    ):
+        self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        self.kv_num_blocks = kv_num_blocks
+        self.kv_indices = kv_indices
+        self.full_kv_num_blocks = full_kv_num_blocks
+        self.full_kv_indices = full_kv_indices
+        self.q_num_blocks = q_num_blocks
+        self.q_indices = q_indices
+        self.full_q_num_blocks = full_q_num_blocks
+        self.full_q_indices = full_q_indices
+        self.BLOCK_SIZE = _normalize_block_size(BLOCK_SIZE)
+        self.mask_mod = mask_mod if mask_mod is not None else noop_mask
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_kv_blocks(
+        cls,
+        kv_num_blocks: torch.Tensor,
+        kv_indices: torch.Tensor,
+        full_kv_num_blocks: Optional[torch.Tensor] = None,
+        full_kv_indices: Optional[torch.Tensor] = None,
+        BLOCK_SIZE: Union[int, Tuple[int, int]] = 128,
+        mask_mod: Optional[Callable] = None,
+        seq_lengths: Optional[Tuple[int, int]] = None,
+    ) -> "BlockMask":
+        """Build a BlockMask from kv-side block lists; the q-side lists are derived by transposing."""
+        bs = _normalize_block_size(BLOCK_SIZE)
+        if kv_indices.dim() != 4:
+            raise ValueError(f"kv_indices must be 4-D (B, H, num_q_blocks, num_kv_blocks), got shape {tuple(kv_indices.shape)}")
+        if tuple(kv_num_blocks.shape) != tuple(kv_indices.shape[:3]):
+            raise ValueError(
+                f"kv_num_blocks must have shape {tuple(kv_indices.shape[:3])} (kv_indices' first 3 dims), "
+                f"got {tuple(kv_num_blocks.shape)}"
+            )
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("full_kv_num_blocks and full_kv_indices must be given together")
+        n_q, n_kv = kv_indices.shape[2], kv_indices.shape[3]
+        if seq_lengths is None:
+            seq_lengths = (n_q * bs[0], n_kv * bs[1])
+        kv_num_blocks = kv_num_blocks.to(torch.int32)
+        kv_indices = kv_indices.to(torch.int32)
+        partial = _dense_from_indices(kv_num_blocks, kv_indices, n_kv)
+        q_num, q_idx = _ordered_indices(partial.transpose(-1, -2))
+        full_q_num = full_q_idx = None
+        if full_kv_num_blocks is not None:
+            full_kv_num_blocks = full_kv_num_blocks.to(torch.int32)
+            full_kv_indices = full_kv_indices.to(torch.int32)
+            full = _dense_from_indices(full_kv_num_blocks, full_kv_indices, full_kv_indices.shape[-1])
+            full_q_num, full_q_idx = _ordered_indices(full.transpose(-1, -2))
+        return cls(
+            seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+            q_num, q_idx, full_q_num, full_q_idx, bs, mask_mod,
+        )
+
+    # ---- views --------------------------------------------------------------------------
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """(B, H, Q_LEN, KV_LEN) the mask was built for (B/H are 1 when broadcast)."""
+        return (self.kv_indices.shape[0], self.kv_indices.shape[1], *self.seq_lengths)
+
+    @property
+    def num_blocks(self) -> Tuple[int, int]:
+        return (self.kv_indices.shape[2], self.kv_indices.shape[3])
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_indices.device
+
+    def partial_blocks(self) -> torch.Tensor:
+        """bool (B, H, num_q_blocks, num_kv_blocks): blocks that need mask_mod."""
+        return _dense_from_indices(self.kv_num_blocks, self.kv_indices, self.num_blocks[1])
+
+    def full_blocks(self) -> torch.Tensor:
+        """bool (B, H, num_q_blocks, num_kv_blocks): blocks computed without mask_mod."""
+        if self.full_kv_num_blocks is None:
+            return torch.zeros_like(self.partial_blocks())
+        return _dense_from_indices(self.full_kv_num_blocks, self.full_kv_indices, self.num_blocks[1])
+
+    def to_dense(self) -> torch.Tensor:
+        """int32 (B, H, num_q_blocks, num_kv_blocks): 1 where a block is computed at all."""
+        return (self.partial_blocks() | self.full_blocks()).to(torch.int32)
+
+    def sparsity(self) -> float:
+        """Percentage of blocks skipped."""
+        dense = self.to_dense()
+        return 100.0 * (1.0 - dense.sum().item() / max(dense.numel(), 1))
+
+    def to(self, device: Union[str, torch.device]) -> "BlockMask":
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        return BlockMask(
+            self.seq_lengths, mv(self.kv_num_blocks), mv(self.kv_indices), mv(self.full_kv_num_blocks),
+            mv(self.full_kv_indices), mv(self.q_num_blocks), mv(self.q_indices), mv(self.full_q_num_blocks),
+            mv(self.full_q_indices), self.BLOCK_SIZE, self.mask_mod,
+        )
+
+    def __getitem__(self, index) -> "BlockMask":
+        """Slice batch / head / q-block dims; integer indices keep their dimension (size 1)."""
+        if not isinstance(index, tuple):
+            index = (index,)
+        if len(index) > 3:
+            raise IndexError("a BlockMask can be indexed on (batch, head, q_block) only")
+        norm = []
+        for dim, i in enumerate(index):
+            if isinstance(i, int) and not isinstance(i, bool):
+                size = self.kv_num_blocks.shape[dim]
+                if not -size <= i < size:
+                    raise IndexError(f"index {i} out of range for BlockMask dim {dim} of size {size}")
+                i = i % size
+                norm.append(slice(i, i + 1))
+            elif isinstance(i, slice) or isinstance(i, torch.Tensor):
+                norm.append(i)
+            else:
+                raise IndexError(f"BlockMask indices must be ints, slices or tensors, got {type(i).__name__}")
+        idx = tuple(norm)
+
+        def sel(t):
+            return None if t is None else t[idx]
+
+        kv_num, kv_idx = sel(self.kv_num_blocks), sel(self.kv_indices)
+        q_len = self.seq_lengths[0]
+        if len(idx) == 3:
+            q_len = min(kv_idx.shape[2] * self.BLOCK_SIZE[0], q_len)
+        return BlockMask.from_kv_blocks(
+            kv_num, kv_idx, sel(self.full_kv_num_blocks), sel(self.full_kv_indices),
+            BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=(q_len, self.seq_lengths[1]),
+        )
+
+    def to_string(self, grid_size: Tuple[int, int] = (20, 40), b: int = 0, h: int = 0) -> str:
+        """ASCII picture of one (b, h) slice: '█' full, '░' partial, ' ' skipped.
+
+        Large masks are shown downsampled: a cell is full only if every block it covers is.
+        """
+        full = self.full_blocks()[b, h]
+        part = self.partial_blocks()[b, h]
+        nq, nkv = full.shape
+        rq, rk = max(1, math.ceil(nq / grid_size[0])), max(1, math.ceil(nkv / grid_size[1]))
+        lines = []
+        for i in range(0, nq, rq):
+            row = []
+            for j in range(0, nkv, rk):
+                f, p = full[i:i + rq, j:j + rk], part[i:i + rq, j:j + rk]
+                if bool(f.all()):
+                    row.append("██")
+                elif bool(f.any() | p.any()):
+                    row.append("░░")
+                else:
+                    row.append("  ")
+            lines.append("|" + "".join(row) + "|")
+        header = f"BlockMask {self.shape} blocks={self.BLOCK_SIZE} sparsity={self.sparsity():.1f}% (b={b}, h={h})"
+        if rq > 1 or rk > 1:
+            header += f" [each cell = {rq}x{rk} blocks]"
+        return header + "\n" + "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, num_blocks={self.num_blocks}, "
+            f"sparsity={self.sparsity():.2f}%, mask_mod={mod_name(self.mask_mod)}, device={self.device})"
+        )
+
+    def as_tuple(self):
+        return (
+            self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
+            self.q_num_blocks, self.q_indices, self.full_q_num_blocks, self.full_q_indices,
+        )
+
+
+def _block_any_all(mask_mod, B, H, Q_LEN, KV_LEN, q_bs, kv_bs, device):
+    """Per-block any/all of mask_mod over valid positions, one chunk of query blocks at a time."""
+    n_q, n_kv = math.ceil(Q_LEN / q_bs), math.ceil(KV_LEN / kv_bs)
+    b = torch.arange(B, device=device)
+    h = torch.arange(H, device=device)
+    kv = torch.arange(KV_LEN, device=device)
+    any_blk = torch.empty(B, H, n_q, n_kv, dtype=torch.bool, device=device)
+    all_blk = torch.empty_like(any_blk)
+    pad_kv = n_kv * kv_bs - KV_LEN
+    blocks_per_chunk = max(1, _BUILD_CHUNK_ELEMS // max(1, B * H * q_bs * KV_LEN))
+    for qb0 in range(0, n_q, blocks_per_chunk):
+        qb1 = min(n_q, qb0 + blocks_per_chunk)
+        q = torch.arange(qb0 * q_bs, min(qb1 * q_bs, Q_LEN), device=device)
+        m = eval_mask_grid(mask_mod, b, h, q, kv)
+        pad_q = (qb1 - qb0) * q_bs - q.numel()
+        # padding never changes the answer: False for "any", True for "all"
+        shape = (B, H, qb1 - qb0, q_bs, n_kv, kv_bs)
+        m_any = torch.nn.functional.pad(m, (0, pad_kv, 0, pad_q), value=False).view(shape)
+        m_all = torch.nn.functional.pad(m, (0, pad_kv, 0, pad_q), value=True).view(shape)
+        any_blk[:, :, qb0:qb1] = m_any.any(dim=5).any(dim=3)
+        all_blk[:, :, qb0:qb1] = m_all.all(dim=5).all(dim=3)
+    return any_blk, all_blk
+
+
+def create_block_mask(
+    mask_mod: Optional[Callable],
+    B: Optional[int],
+    H: Optional[int],
+    Q_LEN: int,
+    KV_LEN: int,
+    device: Union[str, torch.device] = "cuda" if torch.cuda.is_available() else "cpu",
+    BLOCK_SIZE: Union[int, Tuple[int, int]] = 128,
+    _compile: bool = False,
+) -> BlockMask:
+    """Evaluate ``mask_mod`` block by block and return the BlockMask.
+
+    B / H may be None to build one mask broadcast over batch / heads. Peak memory is one chunk of
+    the bool grid (about 32 MB), never the full (B, H, Q_LEN, KV_LEN) mask.
+    """
+    if mask_mod is None:
+        mask_mod = noop_mask
+    check_arity(mask_mod, "mask_mod")
+    q_bs, kv_bs = _normalize_block_size(BLOCK_SIZE)
+    B = 1 if B is None else B
+    H = 1 if H is None else H
+    for name, v in (("B", B), ("H", H), ("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"create_block_mask: {name} must be a positive int (or None for B/H), got {v!r}")
+    device = torch.device(device)
+    if mask_mod is noop_mask:
+        n_q, n_kv = math.ceil(Q_LEN / q_bs), math.ceil(KV_LEN / kv_bs)
+        any_blk = all_blk = torch.ones(B, H, n_q, n_kv, dtype=torch.bool, device=device)
+    else:
+        any_blk, all_blk = _block_any_all(mask_mod, B, H, Q_LEN, KV_LEN, q_bs, kv_bs, device)
+    partial = any_blk & ~all_blk
+    full = all_blk
+    kv_num, kv_idx = _ordered_indices(partial)
+    full_kv_num, full_kv_idx = _ordered_indices(full)
+    q_num, q_idx = _ordered_indices(partial.transpose(-1, -2))
+    full_q_num, full_q_idx = _ordered_indices(full.transpose(-1, -2))
+    return BlockMask(
+        (Q_LEN, KV_LEN), kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx,
+        (q_bs, kv_bs), mask_mod,
+    )
+
+
+def create_mask(
+    mod_fn: Callable,
+    B: Optional[int],
+    H: Optional[int],
+    Q_LEN: int,
+    KV_LEN: int,
+    device: Union[str, torch.device] = "cuda" if torch.cuda.is_available() else "cpu",
+) -> torch.Tensor:
+    """Dense bool mask (B, H, Q_LEN, KV_LEN) of a mask_mod (or of a score_mod: where it is not -inf).
+
+    This one is O(Q_LEN * KV_LEN) by design: it is for inspection and tests.
+    """
+    B = 1 if B is None else B
+    H = 1 if H is None else H
+    device = torch.device(device)
+    idx = [torch.arange(n, device=device) for n in (B, H, Q_LEN, KV_LEN)]
+    import inspect
+
+    try:
+        n_params = len(inspect.signature(mod_fn).parameters)
+    except (TypeError, ValueError):
+        n_params = 4
+    if n_params == 5:
+        from .mods import eval_score_grid
+
+        score = torch.zeros(B, H, Q_LEN, KV_LEN, device=device)
+        return eval_score_grid(mod_fn, score, *idx) != float("-inf")
+    check_arity(mod_fn, "mask_mod")
+    return eval_mask_grid(mod_fn, *idx)
+
+
+def dense_block_maps(block_mask: BlockMask) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full) bool block maps: the math path's view of a BlockMask."""
+    return block_mask.partial_blocks(), block_mask.full_blocks()
+
+
+def noop_block_mask(Q_LEN: int, KV_LEN: int, device, BLOCK_SIZE: Sequence[int] = (128, 128)) -> BlockMask:
+    return create_block_mask(noop_mask, None, None, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=tuple(BLOCK_SIZE))

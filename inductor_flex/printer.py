@@ -1,0 +1,472 @@
+"""FX -> Triton printer: turns a score_mod / mask_mod into a ``@triton.jit`` helper function.
+
+The eager path and the Triton interpreter fill the template's hooks with these helpers. A mod is
+traced with ``make_fx`` on 0-d tensors (its captured tensors become graph constants); each aten
+node becomes one line of Triton. Inside the kernel ``q_idx`` is a (BLOCK_M, 1) column,
+``kv_idx`` a (1, BLOCK_N) row and ``score`` a (BLOCK_M, BLOCK_N) tile, so elementwise code
+broadcasts exactly as the scalar code would have. Captured tensors become pointer arguments with
+their sizes and strides; every gather wraps negative indices like PyTorch and masks the rest, so a
+padded row or column can never read out of bounds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .mods import FlexModError, TensorIndexMode, mod_name
+
+aten = torch.ops.aten
+
+TL_DTYPES = {
+    torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32",
+    torch.float64: "tl.float64", torch.int8: "tl.int8", torch.int16: "tl.int16", torch.int32: "tl.int32",
+    torch.int64: "tl.int64", torch.uint8: "tl.uint8", torch.bool: "tl.int1",
+}
+
+# Shared helpers the printed code may call; they go once at the top of the rendered module.
+HELPERS = '''
+@triton.jit
+def _floordiv(a, b):
+    # Python floor division whatever the backend's integer division rounds to
+    q = a // b
+    r = a - q * b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+
+@triton.jit
+def _pymod(a, b):
+    # Python remainder: the sign follows the divisor
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+
+
+@triton.jit
+def _tanh(x):
+    # exact to a few ulp and runs everywhere (libdevice is unavailable in the interpreter)
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _tanh_approx(x):
+    # Hopper's MUFU tanh (max rel. error ~2^-11): opt-in through kernel_options FAST_TANH
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+'''
+
+
+@dataclass
+class Value:
+    """A printed expression, its torch dtype and the tile axes it varies along ('m', 'n')."""
+
+    code: str
+    dtype: torch.dtype
+    axes: frozenset = frozenset()
+
+
+@dataclass
+class TensorView:
+    """A captured tensor with some leading dims already indexed (not yet loaded)."""
+
+    arg: int
+    dims: List[int]  # remaining dims of the original tensor
+    offset: str
+    mask: Optional[str]
+    axes: frozenset
+    dtype: torch.dtype
+
+
+@dataclass
+class PrintedMod:
+    name: str  # helper function name in the rendered module
+    source: str  # the @triton.jit helper
+    tensors: List[torch.Tensor] = field(default_factory=list)  # captured tensors, in argument order
+    params: List[str] = field(default_factory=list)  # their kernel parameters (pointer, sizes, strides)
+    uses_fast_tanh: bool = False
+
+    def args_for(self, tensors: List[torch.Tensor]) -> list:
+        out: list = []
+        for t in tensors:
+            out.append(t)
+            out.extend(t.shape)
+            out.extend(t.stride())
+        return out
+
+
+def _lit(v) -> Value:
+    if isinstance(v, bool):
+        return Value(repr(v), torch.bool)
+    if isinstance(v, int):
+        return Value(repr(v), torch.int64)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return Value('float("nan")', torch.float32)
+        if math.isinf(v):
+            return Value('float("inf")' if v > 0 else 'float("-inf")', torch.float32)
+        return Value(repr(v), torch.float32)
+    raise TypeError(v)
+
+
+_BINARY = {
+    aten.add.Tensor: "+", aten.add.Scalar: "+", aten.sub.Tensor: "-", aten.sub.Scalar: "-",
+    aten.mul.Tensor: "*", aten.mul.Scalar: "*",
+    aten.eq.Tensor: "==", aten.eq.Scalar: "==", aten.ne.Tensor: "!=", aten.ne.Scalar: "!=",
+    aten.lt.Tensor: "<", aten.lt.Scalar: "<", aten.le.Tensor: "<=", aten.le.Scalar: "<=",
+    aten.gt.Tensor: ">", aten.gt.Scalar: ">", aten.ge.Tensor: ">=", aten.ge.Scalar: ">=",
+    aten.bitwise_and.Tensor: "&", aten.bitwise_and.Scalar: "&", aten.bitwise_or.Tensor: "|",
+    aten.bitwise_or.Scalar: "|", aten.bitwise_xor.Tensor: "^", aten.bitwise_xor.Scalar: "^",
+    aten.logical_and.default: "&", aten.logical_or.default: "|", aten.logical_xor.default: "^",
+}
+_FLOAT_UNARY = {
+    aten.exp.default: "tl.exp({})", aten.exp2.default: "tl.exp2({})", aten.log.default: "tl.log({})",
+    aten.log2.default: "tl.log2({})", aten.sin.default: "tl.sin({})", aten.cos.default: "tl.cos({})",
+    aten.sqrt.default: "tl.sqrt({})", aten.rsqrt.default: "tl.rsqrt({})", aten.sigmoid.default: "tl.sigmoid({})",
+    aten.tanh.default: "_tanh({})", aten.floor.default: "tl.floor({})", aten.ceil.default: "tl.ceil({})",
+    aten.reciprocal.default: "(1.0 / {})", aten.log1p.default: "tl.log(1.0 + {})",
+    aten.expm1.default: "(tl.exp({}) - 1.0)", aten.erf.default: "tl.erf({})",
+}
+_ALIASES = {
+    aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
+    aten.view.default, aten._unsafe_view.default, aten.expand.default, aten.unsqueeze.default,
+    aten.squeeze.default, aten.squeeze.dim, aten.reshape.default, aten.contiguous.default,
+}
+_CONSTANT_LIKE = {
+    aten.ones_like.default: 1, aten.zeros_like.default: 0, aten.new_ones.default: 1, aten.new_zeros.default: 0,
+}
+
+
+def _is_float(dt: torch.dtype) -> bool:
+    return dt.is_floating_point
+
+
+def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return torch.promote_types(a, b)
+
+
+class _Printer:
+    def __init__(self, gm: torch.fx.GraphModule, kind: str, fn: Callable, prefix: str, fast_tanh: bool):
+        self.gm = gm
+        self.kind = kind
+        self.fn = fn
+        self.prefix = prefix
+        self.fast_tanh = fast_tanh
+        self.lines: List[str] = []
+        self.env: Dict[torch.fx.Node, object] = {}
+        self.tensors: List[torch.Tensor] = []
+        self.params: List[str] = []
+        self.counter = 0
+        self.used_fast_tanh = False
+
+    # -- helpers ------------------------------------------------------------------------------
+    def fail(self, what: str) -> FlexModError:
+        return FlexModError(
+            f"{self.kind} '{mod_name(self.fn)}': {what} is not supported by the Triton kernel "
+            f"(kernel_options={{'BACKEND': 'MATH'}} runs any mod through the math path)"
+        )
+
+    def emit(self, code: str, dtype: torch.dtype, axes) -> Value:
+        name = f"t{self.counter}"
+        self.counter += 1
+        self.lines.append(f"{name} = {code}")
+        return Value(name, dtype, frozenset(axes))
+
+    def val(self, a) -> Value:
+        if isinstance(a, torch.fx.Node):
+            v = self.env[a]
+            if isinstance(v, TensorView):
+                return self.load(v)
+            return v
+        if isinstance(a, (bool, int, float)):
+            return _lit(a)
+        raise self.fail(f"argument {a!r}")
+
+    def load(self, view: TensorView) -> Value:
+        if view.dims:
+            raise self.fail("using a captured tensor that is not indexed down to a single element")
+        p = self.params_of(view.arg)
+        mask = f", mask={view.mask}, other=0" if view.mask else ""
+        return self.emit(f"tl.load({p[0]} + {view.offset}{mask})", view.dtype, view.axes)
+
+    def params_of(self, arg: int) -> List[str]:
+        t = self.tensors[arg]
+        base = f"{self.prefix}{arg}"
+        return [base] + [f"{base}_size{d}" for d in range(t.dim())] + [f"{base}_stride{d}" for d in range(t.dim())]
+
+    def captured(self, tensor: torch.Tensor) -> TensorView:
+        for i, t in enumerate(self.tensors):
+            if t is tensor:
+                arg = i
+                break
+        else:
+            arg = len(self.tensors)
+            self.tensors.append(tensor)
+            self.params.extend(self.params_of(arg))
+        return TensorView(arg, list(range(tensor.dim())), "0", None, frozenset(), tensor.dtype)
+
+    def index(self, view: TensorView, indices) -> object:
+        if len(indices) > len(view.dims):
+            raise self.fail("indexing a captured tensor with more indices than it has dims")
+        offset, mask, axes = view.offset, view.mask, set(view.axes)
+        p = self.params_of(view.arg)
+        ndim = self.tensors[view.arg].dim()
+        for idx in indices:
+            if idx is None:
+                raise self.fail("slicing a captured tensor (index with integers only)")
+            iv = self.val(idx)
+            if _is_float(iv.dtype) or iv.dtype == torch.bool:
+                raise self.fail(f"indexing a captured tensor with a {iv.dtype} value")
+            d = view.dims[0]
+            view = TensorView(view.arg, view.dims[1:], offset, mask, frozenset(axes), view.dtype)
+            size, stride = p[1 + d], p[1 + ndim + d]
+            # PyTorch wraps negative indices once; anything still outside [0, size) is masked off
+            wrapped = f"tl.where({iv.code} < 0, {iv.code} + {size}, {iv.code})"
+            if not iv.axes:
+                # a (1, 1) tile, not a scalar: Triton's interpreter rejects scalar & tile load masks
+                wrapped = f"tl.full([1, 1], 0, tl.int32) + {wrapped}"
+            w = self.emit(wrapped, iv.dtype, iv.axes)
+            ok = f"(({w.code} >= 0) & ({w.code} < {size}))"
+            mask = ok if mask is None else f"{mask} & {ok}"
+            offset = f"{offset} + {w.code} * {stride}"
+            axes |= iv.axes
+        return TensorView(view.arg, view.dims, offset, mask, frozenset(axes), view.dtype)
+
+    # -- main loop ----------------------------------------------------------------------------
+    def run(self, names: Tuple[str, ...]) -> str:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        axes_of = {"score": ("m", "n"), "b": (), "h": (), "q_idx": ("m",), "kv_idx": ("n",)}
+        for n, name in zip(placeholders, names):
+            dt = torch.float32 if name == "score" else torch.int32
+            self.env[n] = Value(name, dt, frozenset(axes_of[name]))
+        result = None
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "get_attr":
+                t = getattr(self.gm, node.target)
+                if not isinstance(t, torch.Tensor):
+                    raise self.fail(f"captured object {type(t).__name__}")
+                self.env[node] = self.captured(t)
+            elif node.op == "call_function":
+                self.env[node] = self.call(node)
+            elif node.op == "output":
+                (result,) = node.args if not isinstance(node.args[0], (list, tuple)) else (node.args[0],)
+                if isinstance(result, (list, tuple)):
+                    if len(result) != 1:
+                        raise self.fail("returning several values")
+                    result = result[0]
+            else:
+                raise self.fail(f"FX node kind {node.op}")
+        out = self.val(result)
+        if self.kind == "score_mod":
+            code = out.code if out.dtype == torch.float32 else f"({out.code}).to(tl.float32)"
+            if out.axes != frozenset("mn"):
+                code = f"{code} + tl.zeros_like(score)"
+                if out.code[0].isdigit() or out.code.startswith("float"):
+                    code = f"tl.full(score.shape, {out.code}, tl.float32)"
+        else:
+            if out.dtype != torch.bool:
+                raise FlexModError(f"mask_mod '{mod_name(self.fn)}' must return a bool tensor, got {out.dtype}")
+            code = out.code
+            if out.code in ("True", "False"):
+                code = f"tl.full([1, 1], {out.code}, tl.int1)"
+        body = "\n".join("    " + l for l in self.lines + [f"return {code}"])
+        return body
+
+    def call(self, node: torch.fx.Node):
+        f = node.target
+        args, kw = node.args, node.kwargs
+        out_dt = node.meta["val"].dtype if "val" in node.meta else None
+        if f is aten.index.Tensor:
+            base = self.env[args[0]]
+            if not isinstance(base, TensorView):
+                raise self.fail("indexing a tensor that was not captured from outside the mod")
+            return self.index(base, list(args[1]))
+        if f is aten.select.int:
+            base = self.env[args[0]]
+            if not isinstance(base, TensorView) or args[1] not in (0, -len(base.dims)):
+                raise self.fail("select on a non-leading dim")
+            return self.index(base, [args[2]])
+        if f in _ALIASES:
+            src = self.env[args[0]]
+            if isinstance(src, TensorView):
+                if f in (aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default):
+                    return src
+                if src.dims:
+                    raise self.fail(f"{f} on a captured tensor")
+            return src
+        if f is aten._to_copy.default or f is aten.to.dtype:
+            v = self.val(args[0])
+            dt = kw.get("dtype", out_dt) or v.dtype
+            if dt == v.dtype:
+                return v
+            if dt not in TL_DTYPES:
+                raise self.fail(f"cast to {dt}")
+            if v.dtype == torch.bool or dt == torch.bool:
+                code = f"({v.code} != 0)" if dt == torch.bool else f"{v.code}.to({TL_DTYPES[dt]})"
+            else:
+                code = f"{v.code}.to({TL_DTYPES[dt]})"
+            return self.emit(code, dt, v.axes)
+        if f in (aten.scalar_tensor.default, aten.full.default, aten.full_like.default, aten.new_full.default):
+            value = args[0] if f is aten.scalar_tensor.default else args[1]
+            if f is aten.full.default and list(args[0]) != []:
+                raise self.fail("torch.full with a non-scalar shape")
+            dt = out_dt or torch.float32
+            lit = _lit(bool(value) if dt == torch.bool else (float(value) if dt.is_floating_point else int(value)))
+            return Value(lit.code, dt)
+        if f in _CONSTANT_LIKE:
+            dt = out_dt or torch.float32
+            v = _CONSTANT_LIKE[f]
+            lit = _lit(bool(v) if dt == torch.bool else (float(v) if dt.is_floating_point else v))
+            return Value(lit.code, dt)
+        if f in _BINARY:
+            a, b = self.val(args[0]), self.val(args[1])
+            op = _BINARY[f]
+            if f in (aten.add.Tensor, aten.sub.Tensor) and kw.get("alpha", 1) != 1:
+                b = Value(f"({b.code} * {kw['alpha']!r})", b.dtype, b.axes)
+            dt = out_dt or _promote(a.dtype, b.dtype)
+            return self.emit(f"{a.code} {op} {b.code}", dt, a.axes | b.axes)
+        if f in (aten.rsub.Scalar, aten.rsub.Tensor):
+            a, b = self.val(args[0]), self.val(args[1])
+            return self.emit(f"{b.code} - {a.code}", out_dt or a.dtype, a.axes | b.axes)
+        if f in (aten.div.Tensor, aten.div.Scalar):
+            a, b = self.val(args[0]), self.val(args[1])
+            num = a.code if _is_float(a.dtype) or _is_float(b.dtype) else f"{a.code}.to(tl.float32)"
+            return self.emit(f"{num} / {b.code}", out_dt or torch.float32, a.axes | b.axes)
+        if f in (aten.div.Tensor_mode, aten.div.Scalar_mode, aten.floor_divide.default, aten.floor_divide.Scalar):
+            a, b = self.val(args[0]), self.val(args[1])
+            mode = kw.get("rounding_mode", args[2] if len(args) > 2 else "floor")
+            if f in (aten.floor_divide.default, aten.floor_divide.Scalar):
+                mode = "floor"
+            dt = out_dt or _promote(a.dtype, b.dtype)
+            if _is_float(dt):
+                inner = f"{a.code} / {b.code}"
+                code = f"tl.floor({inner})" if mode == "floor" else (
+                    f"tl.where({inner} < 0, tl.ceil({inner}), tl.floor({inner}))" if mode == "trunc" else inner)
+            elif mode == "floor":
+                code = f"_floordiv({a.code}, {b.code})"
+            elif mode == "trunc":
+                q = f"_floordiv({a.code}, {b.code})"
+                code = f"tl.where(({a.code} % {b.code} != 0) & (({a.code} < 0) != ({b.code} < 0)), {q} + 1, {q})"
+            else:
+                raise self.fail(f"division rounding mode {mode!r}")
+            return self.emit(code, dt, a.axes | b.axes)
+        if f in (aten.remainder.Tensor, aten.remainder.Scalar):
+            a, b = self.val(args[0]), self.val(args[1])
+            dt = out_dt or _promote(a.dtype, b.dtype)
+            if _is_float(dt):
+                code = f"{a.code} - tl.floor({a.code} / {b.code}) * {b.code}"
+            else:
+                code = f"_pymod({a.code}, {b.code})"
+            return self.emit(code, dt, a.axes | b.axes)
+        if f in _FLOAT_UNARY:
+            a = self.val(args[0])
+            x = a.code if _is_float(a.dtype) else f"{a.code}.to(tl.float32)"
+            tmpl = _FLOAT_UNARY[f]
+            if f is aten.tanh.default and self.fast_tanh:
+                tmpl = "_tanh_approx({})"
+                self.used_fast_tanh = True
+            dt = out_dt or torch.float32
+            return self.emit(tmpl.format(x), dt, a.axes)
+        if f is aten.abs.default:
+            a = self.val(args[0])
+            return self.emit(f"tl.abs({a.code})", a.dtype, a.axes)
+        if f is aten.neg.default:
+            a = self.val(args[0])
+            return self.emit(f"-{a.code}", a.dtype, a.axes)
+        if f in (aten.bitwise_not.default, aten.logical_not.default):
+            a = self.val(args[0])
+            if a.dtype == torch.bool or f is aten.logical_not.default:
+                return self.emit(f"{a.code} == 0", torch.bool, a.axes)
+            return self.emit(f"~{a.code}", a.dtype, a.axes)
+        if f in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):
+            c, a, b = self.val(args[0]), self.val(args[1]), self.val(args[2])
+            dt = out_dt or _promote(a.dtype, b.dtype)
+            return self.emit(f"tl.where({c.code}, {a.code}, {b.code})", dt, c.axes | a.axes | b.axes)
+        if f is aten.masked_fill.Scalar or f is aten.masked_fill.Tensor:
+            x, m, v = self.val(args[0]), self.val(args[1]), self.val(args[2])
+            return self.emit(f"tl.where({m.code}, {v.code}, {x.code})", x.dtype, x.axes | m.axes | v.axes)
+        if f in (aten.minimum.default, aten.maximum.default, aten.min.other, aten.max.other, aten.fmin.default, aten.fmax.default):
+            a, b = self.val(args[0]), self.val(args[1])
+            fn = "tl.minimum" if f in (aten.minimum.default, aten.min.other, aten.fmin.default) else "tl.maximum"
+            return self.emit(f"{fn}({a.code}, {b.code})", out_dt or _promote(a.dtype, b.dtype), a.axes | b.axes)
+        if f in (aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_max.default):
+            x = self.val(args[0])
+            lo = hi = None
+            if f in (aten.clamp.default, aten.clamp.Tensor):
+                lo = args[1] if len(args) > 1 else kw.get("min")
+                hi = args[2] if len(args) > 2 else kw.get("max")
+            elif f is aten.clamp_min.default:
+                lo = args[1]
+            else:
+                hi = args[1]
+            code, axes = x.code, set(x.axes)
+            if lo is not None:
+                lv = self.val(lo)
+                code, axes = f"tl.maximum({code}, {lv.code})", axes | lv.axes
+            if hi is not None:
+                hv = self.val(hi)
+                code, axes = f"tl.minimum({code}, {hv.code})", axes | hv.axes
+            return self.emit(code, out_dt or x.dtype, axes)
+        if f in (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar):
+            a, b = self.val(args[0]), self.val(args[1])
+            dt = out_dt or _promote(a.dtype, b.dtype)
+            if f is aten.pow.Tensor_Scalar and isinstance(args[1], int) and not isinstance(args[1], bool) and 0 <= args[1] <= 8:
+                if args[1] == 0:
+                    return self.emit(f"tl.full([1, 1], 1, {TL_DTYPES[dt]})", dt, ())
+                return self.emit(" * ".join([a.code] * args[1]), dt, a.axes)
+            if f is aten.pow.Tensor_Scalar and args[1] == 0.5:
+                return self.emit(f"tl.sqrt({a.code})", dt, a.axes)
+            if not _is_float(dt):
+                raise self.fail("integer pow with a non-literal or large exponent")
+            base = a.code if _is_float(a.dtype) else f"{a.code}.to(tl.float32)"
+            return self.emit(f"tl.exp2(tl.log2({base}) * {b.code})", dt, a.axes | b.axes)
+        if f is aten.square.default:
+            a = self.val(args[0])
+            return self.emit(f"{a.code} * {a.code}", a.dtype, a.axes)
+        if f is aten.sign.default:
+            a = self.val(args[0])
+            return self.emit(f"tl.where({a.code} > 0, 1, tl.where({a.code} < 0, -1, 0)).to({TL_DTYPES[a.dtype]})", a.dtype, a.axes)
+        raise self.fail(f"operator {f}")
+
+
+def _trace(fn: Callable, kind: str, score_dtype: torch.dtype, device) -> torch.fx.GraphModule:
+    idx = [torch.zeros((), dtype=torch.int32, device=device) for _ in range(4)]
+    args = ([torch.zeros((), dtype=score_dtype, device=device)] if kind == "score_mod" else []) + idx
+    try:
+        with TensorIndexMode():
+            return make_fx(fn, tracing_mode="real")(*args)
+    except FlexModError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise FlexModError(f"{kind} '{mod_name(fn)}' could not be traced for the Triton kernel: {type(e).__name__}: {e}") from e
+
+
+def print_mod(fn: Callable, kind: str, device, fast_tanh: bool = False) -> PrintedMod:
+    """Trace ``fn`` and print it as a Triton helper named after ``kind``."""
+    gm = _trace(fn, kind, torch.float32, device)
+    prefix = "SM_CAP" if kind == "score_mod" else "MM_CAP"
+    p = _Printer(gm, kind, fn, prefix, fast_tanh)
+    names = ("score", "b", "h", "q_idx", "kv_idx") if kind == "score_mod" else ("b", "h", "q_idx", "kv_idx")
+    body = p.run(names)
+    params = ", ".join(list(names) + p.params)
+    source = f"@triton.jit\ndef {kind}({params}):\n    # {mod_name(fn)}\n{body}\n"
+    for t in p.tensors:
+        if t.device.type != torch.device(device).type:
+            raise FlexModError(
+                f"{kind} '{mod_name(fn)}' captures a tensor on {t.device} but the inputs are on {device}; "
+                f"move the captured tensor to {device}"
+            )
+    return PrintedMod(kind, source, p.tensors, p.params, p.used_fast_tanh)
+
+
+def identity_mod(kind: str) -> PrintedMod:
+    if kind == "score_mod":
+        src = "@triton.jit\ndef score_mod(score, b, h, q_idx, kv_idx):\n    return score\n"
+    else:
+        src = "@triton.jit\ndef mask_mod(b, h, q_idx, kv_idx):\n    return tl.full([1, 1], True, tl.int1)\n"
+    return PrintedMod(kind, src)

@@ -1,0 +1,84 @@
+"""Block-size configurations for the flex kernels, per (head dims, dtype, GPU arch).
+
+A config is (BLOCK_M, BLOCK_N, num_warps, num_stages). The candidates are pruned by the
+BlockMask's block sizes (the kernel's tiles must divide them) and by the device's shared memory,
+so autotuning never meets an "out of resource" failure.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+
+
+class Config(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def head_pad(d: int) -> int:
+    return max(16, next_pow2(d))
+
+
+# Hopper-first candidates; the first entry of each list is the no-autotune default.
+_FWD_CANDIDATES = {
+    64: [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 4), Config(64, 128, 4, 3)],
+    128: [Config(128, 64, 8, 3), Config(128, 64, 4, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 4, 3)],
+    256: [Config(64, 32, 4, 2), Config(64, 64, 4, 2), Config(128, 32, 8, 2), Config(32, 32, 4, 2)],
+}
+_INTERPRETER_CONFIG = Config(16, 16, 1, 1)
+
+
+def _smem_bytes(cfg: Config, qk_pad: int, v_pad: int, elem: int) -> int:
+    q = cfg.BLOCK_M * qk_pad
+    kv = cfg.BLOCK_N * (qk_pad + v_pad) * max(1, cfg.num_stages - 1)
+    return (q + kv) * elem
+
+
+def max_shared_memory(device: torch.device) -> int:
+    try:
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+    except Exception:  # noqa: BLE001
+        return 99 * 1024
+
+
+def forward_configs(qk_head: int, v_head: int, dtype: torch.dtype, sparse_block: Tuple[int, int],
+                    device: torch.device, interpret: bool = False) -> List[Config]:
+    """Candidate configs, best guess first, valid for this BlockMask and device."""
+    q_bs, kv_bs = sparse_block
+    if interpret:
+        bm = min(_INTERPRETER_CONFIG.BLOCK_M, q_bs)
+        bn = min(_INTERPRETER_CONFIG.BLOCK_N, kv_bs)
+        return [Config(bm, bn, 1, 1)]
+    pad = max(head_pad(qk_head), head_pad(v_head))
+    key = 64 if pad <= 64 else (128 if pad <= 128 else 256)
+    elem = 4 if dtype == torch.float32 else 2
+    limit = max_shared_memory(device)
+    out = []
+    for cfg in _FWD_CANDIDATES[key]:
+        bm, bn = min(cfg.BLOCK_M, q_bs), min(cfg.BLOCK_N, kv_bs)
+        if q_bs % bm or kv_bs % bn:
+            continue
+        c = Config(bm, bn, cfg.num_warps, cfg.num_stages)
+        if dtype == torch.float32:  # fp32 tiles are twice the bytes: halve the kv tile
+            c = Config(c.BLOCK_M, max(16, c.BLOCK_N // 2), c.num_warps, min(c.num_stages, 2))
+        if _smem_bytes(c, head_pad(qk_head), head_pad(v_head), elem) <= limit and c not in out:
+            out.append(c)
+    if not out:
+        out.append(Config(min(16, q_bs), min(16, kv_bs), 4, 1))
+    return out
+
+
+def user_config(opts: dict, default: Config) -> Optional[Config]:
+    """A config pinned through kernel_options, or None to autotune."""
+    keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    if not any(k in opts for k in keys):
+        return None
+    return Config(*(opts.get(k, getattr(default, k)) for k in keys))

@@ -1,0 +1,47 @@
+"""Shared test setup: interpreter mode on CPU machines, the float64 reference and the criterion."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # must happen before triton is imported: @triton.jit picks the interpreter at decoration time
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from inductor_flex.reference import math_attention  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run on the H100 with -m gpu)")
+    config.addinivalue_line("markers", "slow: long-running")
+
+
+def reference64(q, k, v, score_mod=None, block_mask=None, scale=None, block_mask64=None):
+    """The float64 oracle: the math path on float64 copies (GQA handled inside)."""
+    bm = block_mask
+    return math_attention(q.double(), k.double(), v.double(), score_mod, bm, scale)
+
+
+def reference_same_dtype(q, k, v, score_mod=None, block_mask=None, scale=None):
+    return math_attention(q, k, v, score_mod, block_mask, scale)
+
+
+def assert_close_to_reference(actual, ref64, ref_lowp, dtype, name="out"):
+    """DEVELOPERS.md criterion: error vs float64 <= 1.1x (fp16/bf16) or 10x (fp32) the error of a
+    same-dtype math reference, plus a tiny absolute floor for exact-zero reference errors."""
+    factor = 10.0 if dtype == torch.float32 else 1.1
+    finite = torch.isfinite(ref64)
+    assert torch.equal(torch.isfinite(actual.double()), finite), f"{name}: inf/NaN pattern differs from the reference"
+    err = (actual.double() - ref64)[finite].abs().max().item() if finite.any() else 0.0
+    ref_err = (ref_lowp.double() - ref64)[finite].abs().max().item() if finite.any() else 0.0
+    floor = 1e-6 if dtype == torch.float32 else 1e-5
+    assert err <= factor * ref_err + floor, f"{name}: error {err:.3e} > {factor} x reference error {ref_err:.3e} (+{floor})"
+    return err, ref_err
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
