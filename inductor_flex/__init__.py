@@ -4,6 +4,29 @@ Switch from PyTorch's implementation by changing one import::
 
     from inductor_flex import flex_attention, create_block_mask
 """
+import importlib.util as _ilu
+import os as _os
+import sys as _sys
+
+
+def _mount_source_subpackages() -> None:
+    # Installed, setuptools maps lowering/ and templates/ to inductor_flex.lowering/.templates.
+    # Run from a source checkout without installing, mount them from beside this package.
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    for name in ("lowering", "templates"):
+        full = f"{__name__}.{name}"
+        if full in _sys.modules or _ilu.find_spec(full) is not None:
+            continue
+        init = _os.path.join(root, name, "__init__.py")
+        if _os.path.exists(init):
+            spec = _ilu.spec_from_file_location(full, init, submodule_search_locations=[_os.path.dirname(init)])
+            mod = _ilu.module_from_spec(spec)
+            _sys.modules[full] = mod
+            spec.loader.exec_module(mod)
+
+
+_mount_source_subpackages()
+
 from .attention import AuxOutput, AuxRequest, flex_attention
 from .block_mask import BlockMask, create_block_mask, create_mask
 from .mods import FlexModError, and_masks, noop_mask, or_masks

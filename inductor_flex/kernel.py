@@ -150,6 +150,7 @@ def kernel_supports(qk_head: int, v_head: Optional[int], block_mask: Optional[Bl
 
 
 _noop_masks: Dict[tuple, BlockMask] = {}
+_rendered: Dict[tuple, tuple] = {}
 
 
 def _default_block_mask(Lq: int, Lkv: int, device: torch.device) -> BlockMask:
@@ -169,11 +170,6 @@ class ForwardPlan:
     def __init__(self, query, key, value, score_mod, block_mask, scale, opts):
         self.device = query.device
         self.interpret = interpreter_enabled()
-        if query.device.type == "cpu" and not self.interpret:
-            raise RuntimeError(
-                "BACKEND 'TRITON' on CPU tensors runs the kernel in Triton's interpreter: set the environment "
-                "variable TRITON_INTERPRET=1 before triton is first imported (or use CUDA tensors)"
-            )
         if query.dtype == torch.float64:
             raise TypeError("the Triton kernel supports float16, bfloat16 and float32 inputs; use BACKEND 'MATH' for float64")
         if self.device.type not in ("cuda", "cpu"):
@@ -203,6 +199,17 @@ class ForwardPlan:
                 )
 
     def _render(self, query, value) -> str:
+        sm, mm = self.score, self.mask
+        hit = _rendered.get((id(sm), id(mm)))
+        if hit is not None and hit[0] is sm and hit[1] is mm:
+            return hit[2]
+        source = self._render_uncached()
+        if len(_rendered) > 256:
+            _rendered.clear()
+        _rendered[(id(sm), id(mm))] = (sm, mm, source)
+        return source
+
+    def _render_uncached(self) -> str:
         sm, mm = self.score, self.mask
         desc = f"score_mod={sm.source.splitlines()[2].strip('# ') if sm.tensors or sm.params or 'return score' not in sm.source else 'none'}"
         return render(
@@ -237,35 +244,49 @@ def _block_mask_args(bm: BlockMask, B: int, Hq: int):
     return kv_num, kv_idx, full_num, full_idx
 
 
-def run_forward(plan: ForwardPlan, query, key, value, out=None):
+def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Config):
+    """(grid, positional args, constexpr kwargs) of one forward launch."""
     B, Hq, Lq, E = query.shape
     Hkv, Lkv, Ev = key.shape[1], key.shape[2], value.shape[-1]
-    module = load_module(plan.source, plan.interpret)
-    if out is None:
-        out = torch.empty(B, Hq, Lq, Ev, dtype=query.dtype, device=query.device)
-    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=query.device)
-    mx = torch.empty_like(lse)
     bm = plan.block_mask
     kv_num, kv_idx, full_num, full_idx = _block_mask_args(bm, B, Hq)
     q_bs, kv_bs = bm.BLOCK_SIZE
     log2e = 1.4426950408889634
     qk_scale = plan.scale if plan.has_score_mod else plan.scale * log2e
     mod_args = plan.score.args_for(plan.score.tensors) + plan.mask.args_for(plan.mask.tensors)
+    args = (
+        query, key, value, out, lse, mx, kv_num, kv_idx, full_num, full_idx,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+        *kv_num.stride(), *kv_idx.stride()[:3],
+        qk_scale, Lq, Lkv, Hq, Hq // Hkv,
+        *mod_args,
+    )
+    constexprs = dict(
+        HAS_SCORE_MOD=plan.has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPARSE_Q=q_bs, SPARSE_KV=kv_bs,
+        EVEN_M=Lq % cfg.BLOCK_M == 0, EVEN_N=Lkv % kv_bs == 0,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+    )
+    grid = (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq)
+    return grid, args, constexprs
+
+
+def run_forward(plan: ForwardPlan, query, key, value, out=None):
+    B, Hq, Lq, E = query.shape
+    if query.device.type == "cpu" and not plan.interpret:
+        raise RuntimeError(
+            "BACKEND 'TRITON' on CPU tensors runs the kernel in Triton's interpreter: set the environment "
+            "variable TRITON_INTERPRET=1 before triton is first imported (or use CUDA tensors)"
+        )
+    module = load_module(plan.source, plan.interpret)
+    if out is None:
+        out = torch.empty(B, Hq, Lq, value.shape[-1], dtype=query.dtype, device=query.device)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=query.device)
+    mx = torch.empty_like(lse)
 
     def launch(cfg: Config):
-        grid = (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq)
-        module.flex_fwd_kernel[grid](
-            query, key, value, out, lse, mx, kv_num, kv_idx, full_num, full_idx,
-            *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-            *kv_num.stride(), *kv_idx.stride()[:3],
-            qk_scale, Lq, Lkv, Hq, Hq // Hkv,
-            *mod_args,
-            HAS_SCORE_MOD=plan.has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPARSE_Q=q_bs, SPARSE_KV=kv_bs,
-            EVEN_M=Lq % cfg.BLOCK_M == 0, EVEN_N=Lkv % kv_bs == 0,
-            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        grid, args, constexprs = forward_launch(plan, query, key, value, out, lse, mx, cfg)
+        module.flex_fwd_kernel[grid](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     cfg = plan.pinned or _pick_config(plan, launch, query, key, value)
     launch(cfg)
@@ -282,9 +303,10 @@ def _bucket(n: int) -> int:
 
 
 def _pick_config(plan: ForwardPlan, launch, query, key, value) -> Config:
-    if plan.interpret or len(plan.candidates) == 1:
-        return plan.candidates[0]
     B, Hq, Lq, E = query.shape
+    # small problems run in microseconds: autotuning them costs more than it can save
+    if plan.interpret or len(plan.candidates) == 1 or B * Hq * Lq * key.shape[2] < (1 << 24):
+        return plan.candidates[0]
     tune_key = (plan.source, str(query.dtype), E, value.shape[-1], plan.block_mask.BLOCK_SIZE,
                 _bucket(Lq), _bucket(key.shape[2]), _bucket(B * Hq), query.device.index)
     cfg = _autotuned.get(tune_key)

@@ -82,6 +82,13 @@ class TensorView:
 
 
 @dataclass
+class _Constant:
+    """A graph constant not yet used: a literal if the mod created it, else a captured tensor."""
+
+    tensor: torch.Tensor
+
+
+@dataclass
 class PrintedMod:
     name: str  # helper function name in the rendered module
     source: str  # the @triton.jit helper
@@ -178,6 +185,8 @@ class _Printer:
     def val(self, a) -> Value:
         if isinstance(a, torch.fx.Node):
             v = self.env[a]
+            if isinstance(v, _Constant):
+                v = self.captured(v.tensor)
             if isinstance(v, TensorView):
                 return self.load(v)
             return v
@@ -196,6 +205,10 @@ class _Printer:
         t = self.tensors[arg]
         base = f"{self.prefix}{arg}"
         return [base] + [f"{base}_size{d}" for d in range(t.dim())] + [f"{base}_stride{d}" for d in range(t.dim())]
+
+    def view(self, node) -> object:
+        v = self.env[node]
+        return self.captured(v.tensor) if isinstance(v, _Constant) else v
 
     def captured(self, tensor: torch.Tensor) -> TensorView:
         for i, t in enumerate(self.tensors):
@@ -250,7 +263,7 @@ class _Printer:
                 t = getattr(self.gm, node.target)
                 if not isinstance(t, torch.Tensor):
                     raise self.fail(f"captured object {type(t).__name__}")
-                self.env[node] = self.captured(t)
+                self.env[node] = _Constant(t)
             elif node.op == "call_function":
                 self.env[node] = self.call(node)
             elif node.op == "output":
@@ -281,18 +294,26 @@ class _Printer:
         f = node.target
         args, kw = node.args, node.kwargs
         out_dt = node.meta["val"].dtype if "val" in node.meta else None
+        if f is aten.lift_fresh_copy.default and isinstance(self.env[args[0]], _Constant):
+            # torch.tensor(x) written inside the mod: a literal, not a kernel argument
+            t = self.env[args[0]].tensor
+            if t.numel() != 1:
+                raise self.fail("creating a non-scalar tensor inside the mod")
+            return Value(_lit(t.item()).code, t.dtype)
         if f is aten.index.Tensor:
-            base = self.env[args[0]]
+            base = self.view(args[0])
             if not isinstance(base, TensorView):
                 raise self.fail("indexing a tensor that was not captured from outside the mod")
             return self.index(base, list(args[1]))
         if f is aten.select.int:
-            base = self.env[args[0]]
+            base = self.view(args[0])
             if not isinstance(base, TensorView) or args[1] not in (0, -len(base.dims)):
                 raise self.fail("select on a non-leading dim")
             return self.index(base, [args[2]])
         if f in _ALIASES:
             src = self.env[args[0]]
+            if isinstance(src, _Constant):
+                src = self.captured(src.tensor)
             if isinstance(src, TensorView):
                 if f in (aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default):
                     return src
@@ -464,7 +485,16 @@ def print_mod(fn: Callable, kind: str, device, fast_tanh: bool = False) -> Print
     return PrintedMod(kind, source, p.tensors, p.params, p.used_fast_tanh)
 
 
+_IDENTITY: Dict[str, PrintedMod] = {}
+
+
 def identity_mod(kind: str) -> PrintedMod:
+    if kind not in _IDENTITY:
+        _IDENTITY[kind] = _identity_mod(kind)
+    return _IDENTITY[kind]
+
+
+def _identity_mod(kind: str) -> PrintedMod:
     if kind == "score_mod":
         src = "@triton.jit\ndef score_mod(score, b, h, q_idx, kv_idx):\n    return score\n"
     else:

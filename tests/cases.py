@@ -1,0 +1,95 @@
+"""The variant matrix shared by the interpreter, sm_90 cross-compile and GPU test suites."""
+import torch
+
+from inductor_flex import create_block_mask
+from inductor_flex.variants import (
+    generate_alibi_bias, generate_causal_mask, generate_doc_mask_mod, generate_head_scale,
+    generate_prefix_lm_mask, generate_random_block_mask_mod, generate_relative_bias,
+    generate_sliding_window, generate_tanh_softcap,
+)
+
+# (B, Hq, Hkv, Lq, Lkv, E, Ev)
+SHAPES = {
+    "odd37_E40": (1, 2, 2, 37, 37, 40, 40),
+    "Lq50_Lkv97": (2, 2, 2, 50, 97, 64, 64),
+    "gqa4x2_E64_Ev32": (1, 4, 2, 64, 64, 64, 32),
+    "E128_Lq33_Lkv65": (1, 1, 1, 33, 65, 128, 128),
+}
+
+
+def _score_sq(score, b, h, q_idx, kv_idx):
+    return score * score / 8.0
+
+
+def _trig(score, b, h, q_idx, kv_idx):
+    return score + torch.sin(q_idx * 0.1) * torch.cos(kv_idx * 0.05)
+
+
+def _ops_soup(score, b, h, q_idx, kv_idx):
+    d = q_idx - kv_idx
+    x = torch.where(d % 3 == 0, score, score * 0.5) + (d // 4).float() * 0.01
+    x = x + torch.clamp(d.float(), -8, 8) * 0.01 + torch.sigmoid(score) - torch.abs(score).sqrt() * 0.1
+    x = x + torch.exp(-torch.abs(score)) + torch.log2(1.0 + torch.abs(score)) * torch.rsqrt(2.0 + score * score)
+    return torch.maximum(x, torch.minimum(score, torch.tensor(0.0))) + (h + 1) ** 2 * 0.01
+
+
+def _empty_rows(b, h, q_idx, kv_idx):
+    # rows 0..4 see nothing: output 0, lse -inf
+    return (q_idx >= 5) & (kv_idx <= q_idx)
+
+
+def make_variant(name, Lq, Lkv, H, device, block=32):
+    """-> (score_mod, block_mask) for a named variant at these lengths."""
+    def bm(mask_mod):
+        return create_block_mask(mask_mod, None, None, Lq, Lkv, device=device, BLOCK_SIZE=block)
+
+    if name == "noop":
+        return None, None
+    if name == "causal":
+        return None, bm(generate_causal_mask())
+    if name == "sliding_window":
+        return None, bm(generate_sliding_window(24))
+    if name == "prefix_lm":
+        return None, bm(generate_prefix_lm_mask(13))
+    if name == "document":
+        g = torch.Generator().manual_seed(1)
+        ids = torch.sort(torch.randint(0, 4, (max(Lq, Lkv),), generator=g)).values.to(device)
+        return None, bm(generate_doc_mask_mod(generate_causal_mask(), ids))
+    if name == "alibi":
+        return generate_alibi_bias(H), None
+    if name == "softcap":
+        return generate_tanh_softcap(2.0), bm(generate_causal_mask())
+    if name == "relative_bias":
+        L = max(Lq, Lkv)
+        return generate_relative_bias(torch.randn(H, 2 * L - 1, device=device)), None
+    if name == "head_scale":
+        return generate_head_scale(torch.rand(H, device=device) + 0.5), None
+    if name == "random_blocks":
+        nq, nk = -(-Lq // block), -(-Lkv // block)
+        return None, bm(generate_random_block_mask_mod(nq, nk, block, 0.4, device=device))
+    if name == "score_squared":
+        return _score_sq, None
+    if name == "trig":
+        return _trig, None
+    if name == "ops_soup":
+        return _ops_soup, bm(generate_sliding_window(40))
+    if name == "empty_rows":
+        return None, bm(_empty_rows)
+    raise KeyError(name)
+
+
+VARIANTS = [
+    "noop", "causal", "sliding_window", "prefix_lm", "document", "alibi", "softcap", "relative_bias",
+    "head_scale", "random_blocks", "score_squared", "trig", "ops_soup", "empty_rows",
+]
+
+
+def make_inputs(shape, dtype, device, requires_grad=False):
+    B, Hq, Hkv, Lq, Lkv, E, Ev = shape
+    q = torch.randn(B, Hq, Lq, E, dtype=dtype, device=device)
+    k = torch.randn(B, Hkv, Lkv, E, dtype=dtype, device=device)
+    v = torch.randn(B, Hkv, Lkv, Ev, dtype=dtype, device=device)
+    if requires_grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v

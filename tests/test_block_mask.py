@@ -1,0 +1,151 @@
+"""BlockMask construction: full vs partial blocks, round trips, combinators, slicing."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from inductor_flex import BlockMask, and_masks, create_block_mask, create_mask, noop_mask, or_masks
+from inductor_flex.variants import generate_causal_mask, generate_sliding_window
+
+
+def brute_force_blocks(mask_mod, Lq, Lkv, qbs, kbs):
+    """(partial, full) from the dense mask, restricted to valid positions."""
+    dense = create_mask(mask_mod, 1, 1, Lq, Lkv, device="cpu")[0, 0]
+    nq, nk = math.ceil(Lq / qbs), math.ceil(Lkv / kbs)
+    partial = torch.zeros(nq, nk, dtype=torch.bool)
+    full = torch.zeros(nq, nk, dtype=torch.bool)
+    for i in range(nq):
+        for j in range(nk):
+            tile = dense[i * qbs:(i + 1) * qbs, j * kbs:(j + 1) * kbs]
+            full[i, j] = bool(tile.all())
+            partial[i, j] = bool(tile.any()) and not bool(tile.all())
+    return partial, full
+
+
+@pytest.mark.parametrize("Lq,Lkv,bs", [(100, 100, 32), (130, 77, 16), (64, 200, (16, 32)), (33, 33, 64)],
+                         ids=["100x100_b32", "130x77_b16", "64x200_b16x32", "33x33_b64"])
+@pytest.mark.parametrize("name", ["causal", "sliding_window_20"])
+def test_full_and_partial_blocks_exact(name, Lq, Lkv, bs):
+    mm = generate_causal_mask() if name == "causal" else generate_sliding_window(20)
+    bm = create_block_mask(mm, None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=bs)
+    qbs, kbs = bm.BLOCK_SIZE
+    partial, full = brute_force_blocks(mm, Lq, Lkv, qbs, kbs)
+    assert torch.equal(bm.partial_blocks()[0, 0], partial)
+    assert torch.equal(bm.full_blocks()[0, 0], full)
+    assert torch.equal(bm.to_dense()[0, 0].bool(), partial | full)
+
+
+def test_kv_indices_list_selected_blocks_first_in_order():
+    bm = create_block_mask(generate_causal_mask(), 2, 3, 96, 96, device="cpu", BLOCK_SIZE=32)
+    assert bm.kv_num_blocks.shape == (2, 3, 3) and bm.kv_indices.shape == (2, 3, 3, 3)
+    assert bm.kv_num_blocks.dtype == torch.int32 and bm.kv_indices.dtype == torch.int32
+    # causal at block granularity: the diagonal block is partial, those left of it full
+    assert bm.kv_num_blocks[0, 0].tolist() == [1, 1, 1]
+    assert bm.full_kv_num_blocks[0, 0].tolist() == [0, 1, 2]
+    assert bm.kv_indices[0, 0, :, 0].tolist() == [0, 1, 2]
+    assert bm.full_kv_indices[0, 0, 2, :2].tolist() == [0, 1]
+
+
+def test_q_side_is_transpose_of_kv_side():
+    bm = create_block_mask(generate_sliding_window(40), None, 2, 150, 170, device="cpu", BLOCK_SIZE=32)
+    part, full = bm.partial_blocks(), bm.full_blocks()
+    from inductor_flex.block_mask import _dense_from_indices
+
+    q_part = _dense_from_indices(bm.q_num_blocks, bm.q_indices, bm.num_blocks[0])
+    q_full = _dense_from_indices(bm.full_q_num_blocks, bm.full_q_indices, bm.num_blocks[0])
+    assert torch.equal(q_part, part.transpose(-1, -2))
+    assert torch.equal(q_full, full.transpose(-1, -2))
+
+
+def test_from_kv_blocks_round_trip():
+    bm = create_block_mask(generate_causal_mask(), None, None, 128, 128, device="cpu", BLOCK_SIZE=32)
+    bm2 = BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                                   BLOCK_SIZE=32, mask_mod=bm.mask_mod, seq_lengths=(128, 128))
+    assert torch.equal(bm2.to_dense(), bm.to_dense())
+    assert torch.equal(bm2.q_num_blocks, bm.q_num_blocks)
+    assert torch.equal(bm2.partial_blocks(), bm.partial_blocks())
+
+
+def test_from_kv_blocks_hand_written():
+    num = torch.tensor([[[1, 2]]], dtype=torch.int32)
+    idx = torch.tensor([[[[1, 0], [0, 1]]]], dtype=torch.int32)
+    bm = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=16)
+    assert bm.to_dense()[0, 0].tolist() == [[0, 1], [1, 1]]
+    assert bm.shape == (1, 1, 32, 32)
+    assert bm.q_num_blocks[0, 0].tolist() == [1, 2]
+
+
+def test_and_or_masks():
+    causal = generate_causal_mask()
+
+    def even(b, h, q_idx, kv_idx):
+        return kv_idx % 2 == 0
+
+    dense_c = create_mask(causal, 1, 1, 20, 20, device="cpu")
+    dense_e = create_mask(even, 1, 1, 20, 20, device="cpu")
+    assert torch.equal(create_mask(and_masks(causal, even), 1, 1, 20, 20, device="cpu"), dense_c & dense_e)
+    assert torch.equal(create_mask(or_masks(causal, even), 1, 1, 20, 20, device="cpu"), dense_c | dense_e)
+    assert create_mask(noop_mask, 1, 1, 5, 7, device="cpu").all()
+
+
+def test_slicing_batch_head_and_q_block():
+    def per_head(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) | (h == 1)
+
+    bm = create_block_mask(per_head, 2, 2, 64, 64, device="cpu", BLOCK_SIZE=16)
+    h1 = bm[:, 1]
+    assert h1.kv_num_blocks.shape[:2] == (2, 1)
+    assert h1.to_dense().all()
+    row = bm[0, 0, 2]
+    assert row.kv_indices.shape == (1, 1, 1, 4)
+    assert row.to_dense()[0, 0, 0].tolist() == [1, 1, 1, 0]
+    with pytest.raises(IndexError):
+        bm[5]
+
+
+def test_sparsity_repr_to_string_and_to():
+    bm = create_block_mask(generate_causal_mask(), None, None, 256, 256, device="cpu", BLOCK_SIZE=64)
+    assert bm.sparsity() == pytest.approx(100 * 6 / 16)
+    r = repr(bm)
+    assert "BlockMask(" in r and "causal" in r and "sparsity=37.50%" in r
+    pic = bm.to_string()
+    lines = pic.splitlines()[1:]
+    assert lines[0] == "|░░      |" and lines[-1] == "|██████░░|"
+    assert bm.to("cpu").kv_indices.device.type == "cpu"
+
+
+def test_build_never_materialises_full_mask(monkeypatch):
+    # shrink the chunk so a 2048x2048 build must take several chunks; each chunk's grid is bounded
+    import inductor_flex.block_mask as bmod
+
+    seen = []
+    real = bmod.eval_mask_grid
+
+    def spy(mm, b, h, q, kv):
+        seen.append(q.numel() * kv.numel())
+        return real(mm, b, h, q, kv)
+
+    monkeypatch.setattr(bmod, "eval_mask_grid", spy)
+    monkeypatch.setattr(bmod, "_BUILD_CHUNK_ELEMS", 128 * 2048)
+    bm = create_block_mask(generate_causal_mask(), None, None, 2048, 2048, device="cpu", BLOCK_SIZE=128)
+    assert len(seen) == 16 and max(seen) == 128 * 2048
+    assert bm.full_kv_num_blocks[0, 0, -1].item() == 15
+
+
+@settings(max_examples=30, deadline=None)
+@given(Lq=st.integers(1, 90), Lkv=st.integers(1, 90), qbs=st.sampled_from([8, 16, 32]),
+       kbs=st.sampled_from([8, 16, 32]), w=st.integers(1, 40), kind=st.sampled_from(["causal", "window", "mod"]))
+def test_hypothesis_blocks_match_brute_force(Lq, Lkv, qbs, kbs, w, kind):
+    if kind == "causal":
+        mm = generate_causal_mask()
+    elif kind == "window":
+        mm = generate_sliding_window(w)
+    else:
+        def mm(b, h, q_idx, kv_idx):
+            return (q_idx + kv_idx) % (w + 1) != 0
+
+    bm = create_block_mask(mm, None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=(qbs, kbs))
+    partial, full = brute_force_blocks(mm, Lq, Lkv, qbs, kbs)
+    assert torch.equal(bm.partial_blocks()[0, 0], partial)
+    assert torch.equal(bm.full_blocks()[0, 0], full)

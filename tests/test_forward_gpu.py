@@ -1,0 +1,111 @@
+"""GPU suite (H100): the same variant matrix in bf16/fp16 through the eager CUDA kernel."""
+import pytest
+import torch
+
+from inductor_flex import create_block_mask, flex_attention
+from inductor_flex.attention import _choose_backend
+from inductor_flex.reference import math_attention
+from inductor_flex.validation import validate_kernel_options
+from inductor_flex.variants import generate_causal_mask
+
+from cases import SHAPES, VARIANTS, make_inputs, make_variant
+from conftest import assert_close_to_reference
+
+pytestmark = pytest.mark.gpu
+
+GPU_SHAPES = dict(SHAPES)
+GPU_SHAPES["S1000_D128_gqa"] = (2, 8, 2, 1000, 1000, 128, 128)
+GPU_SHAPES["S777_S1500_D96"] = (1, 4, 4, 777, 1500, 96, 96)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES.values()), ids=list(GPU_SHAPES))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_gpu_matches_reference(variant, shape, dtype):
+    B, Hq, Hkv, Lq, Lkv, E, Ev = shape
+    q, k, v = make_inputs(shape, dtype, "cuda")
+    block = 128 if Lq >= 512 else 32
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda", block=block)
+    # AUTO must pick the fused kernel on CUDA
+    assert _choose_backend(validate_kernel_options(None), q, score_mod, block_mask) == "TRITON"
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=Hq != Hkv, return_lse=True)
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
+    low_out, low_lse, _ = math_attention(q, k, v, score_mod, block_mask)
+    assert not torch.isnan(out).any()
+    assert_close_to_reference(out, ref_out, low_out, dtype, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, dtype, "lse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32], ids=["fp32"])
+def test_forward_gpu_fp32(dtype):
+    shape = (1, 4, 4, 300, 300, 64, 64)
+    q, k, v = make_inputs(shape, dtype, "cuda")
+    score_mod, block_mask = make_variant("alibi", 300, 300, 4, "cuda")
+    out = flex_attention(q, k, v, score_mod=score_mod)
+    ref, _, _ = math_attention(q.double(), k.double(), v.double(), score_mod)
+    low, _, _ = math_attention(q, k, v, score_mod)
+    assert_close_to_reference(out, ref, low, dtype)
+
+
+def test_eager_cuda_memory_is_linear():
+    B, H, S, D = 1, 8, 8192, 64
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    bm = create_block_mask(generate_causal_mask(), None, None, S, S, device="cuda")
+    flex_attention(q, k, v, block_mask=bm)  # warm: compile + autotune
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    flex_attention(q, k, v, block_mask=bm)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    inputs = 3 * q.numel() * q.element_size()
+    scores = B * H * S * S * 2
+    assert extra < inputs + 4 * B * H * S * 4 + (1 << 20), f"extra {extra} bytes vs inputs {inputs}"
+    assert extra < scores / 50
+
+
+def test_second_call_compiles_nothing():
+    from inductor_flex import kernel as K
+
+    q, k, v = make_inputs((1, 2, 2, 256, 256, 64, 64), torch.bfloat16, "cuda")
+    bias = torch.randn(2, device="cuda")
+    flex_attention(q, k, v, score_mod=lambda s, b, h, qi, kv: s + bias[h])
+    n_modules = len(K._modules)
+    bias2 = torch.randn(2, device="cuda")
+    flex_attention(q, k, v, score_mod=lambda s, b, h, qi, kv: s + bias2[h])
+    assert len(K._modules) == n_modules
+
+
+def test_backward_gpu_through_math_recompute():
+    q, k, v = make_inputs((1, 2, 2, 130, 130, 64, 64), torch.bfloat16, "cuda", requires_grad=True)
+    table = torch.randn(2, 259, device="cuda", requires_grad=True)
+
+    def rel(score, b, h, q_idx, kv_idx):
+        return score + table[h, kv_idx - q_idx + 129]
+
+    out = flex_attention(q, k, v, score_mod=rel)
+    g = torch.randn_like(out)
+    out.backward(g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    t64 = table.detach().double().requires_grad_()
+
+    def rel64(score, b, h, q_idx, kv_idx):
+        return score + t64[h, kv_idx - q_idx + 129]
+
+    ref, _, _ = math_attention(q64, k64, v64, rel64)
+    ref.backward(g.double())
+    for a, r in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad), (table.grad, t64.grad)):
+        assert (a.double() - r).abs().max() < 5e-2 * r.abs().max() + 1e-2
+
+
+def test_captured_cpu_tensor_with_cuda_inputs_is_an_error():
+    from inductor_flex import FlexModError
+
+    q, k, v = make_inputs((1, 2, 2, 64, 64, 64, 64), torch.bfloat16, "cuda")
+    bias = torch.randn(2)  # CPU
+
+    def cpu_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h]
+
+    with pytest.raises(FlexModError, match="captures a tensor on cpu"):
+        flex_attention(q, k, v, score_mod=cpu_bias, kernel_options={"BACKEND": "TRITON"})

@@ -1,0 +1,99 @@
+"""The rendered forward kernel, run by Triton's interpreter on CPU tensors, vs the float64 oracle."""
+import pytest
+import torch
+
+from inductor_flex import flex_attention
+from inductor_flex.reference import math_attention
+
+from cases import SHAPES, VARIANTS, make_inputs, make_variant
+from conftest import assert_close_to_reference
+
+TRITON = {"BACKEND": "TRITON"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_matches_reference(variant, shape, dtype):
+    B, Hq, Hkv, Lq, Lkv, E, Ev = shape
+    q, k, v = make_inputs(shape, dtype, "cpu")
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=Hq != Hkv,
+                              return_lse=True, kernel_options=TRITON)
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
+    low_out, low_lse, _ = math_attention(q, k, v, score_mod, block_mask)
+    assert out.dtype == dtype and out.shape == (B, Hq, Lq, Ev)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert_close_to_reference(out, ref_out, low_out, dtype, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, dtype, "lse")
+    if variant == "empty_rows":
+        assert (out[:, :, :5] == 0).all() and (lse[:, :, :5] == float("-inf")).all()
+
+
+def test_non_contiguous_inputs_are_not_copied():
+    # (B, L, H, E) storage viewed as (B, H, L, E): the kernel takes the strides as they are
+    base_q = torch.randn(1, 45, 2, 32)
+    base_k = torch.randn(1, 45, 2, 32)
+    base_v = torch.randn(1, 45, 2, 48)
+    q, k, v = (t.transpose(1, 2) for t in (base_q, base_k, base_v))
+    assert not q.is_contiguous()
+    out = flex_attention(q, k, v, kernel_options=TRITON)
+    ref, _, _ = math_attention(q.double(), k.double(), v.double())
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_captured_tensor_several_reads_and_negative_index():
+    table = torch.randn(64)
+
+    def two_reads(score, b, h, q_idx, kv_idx):
+        # negative indices wrap like PyTorch indexing does
+        return score + table[q_idx - kv_idx] - 0.5 * table[kv_idx]
+
+    q, k, v = make_inputs((1, 2, 2, 40, 40, 32, 32), torch.float32, "cpu")
+    out = flex_attention(q, k, v, score_mod=two_reads, kernel_options=TRITON)
+    ref, _, _ = math_attention(q.double(), k.double(), v.double(), two_reads)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_return_aux_max_scores():
+    from inductor_flex import AuxRequest
+
+    q, k, v = make_inputs((1, 2, 2, 20, 30, 16, 16), torch.float32, "cpu")
+    out, aux = flex_attention(q, k, v, return_aux=AuxRequest(lse=True, max_scores=True), kernel_options=TRITON)
+    _, ref_lse, ref_max = math_attention(q.double(), k.double(), v.double())
+    assert (aux.lse.double() - ref_lse).abs().max() < 1e-5
+    assert (aux.max_scores.double() - ref_max).abs().max() < 1e-5
+
+
+def test_kernel_reused_for_new_closure_values():
+    from inductor_flex import kernel as K
+
+    q, k, v = make_inputs((1, 1, 1, 16, 16, 16, 16), torch.float32, "cpu")
+    sources = set()
+    for i in range(3):
+        bias = torch.randn(16)
+
+        def with_bias(score, b, h, q_idx, kv_idx):
+            return score + bias[kv_idx]
+
+        out = flex_attention(q, k, v, score_mod=with_bias, kernel_options=TRITON)
+        ref, _, _ = math_attention(q.double(), k.double(), v.double(), with_bias)
+        assert (out.double() - ref).abs().max() < 1e-5
+        sources.add(K.kernel_source(q, k, v, score_mod=with_bias))
+    assert len(sources) == 1
+
+
+def test_cached_print_sees_replaced_captured_tensor():
+    q, k, v = make_inputs((1, 1, 1, 16, 16, 16, 16), torch.float32, "cpu")
+
+    class Holder:
+        bias = torch.zeros(16)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + Holder.bias[kv_idx]
+
+    flex_attention(q, k, v, score_mod=mod, kernel_options=TRITON)
+    Holder.bias = torch.randn(16) * 3
+    out = flex_attention(q, k, v, score_mod=mod, kernel_options=TRITON)
+    ref, _, _ = math_attention(q.double(), k.double(), v.double(), mod)
+    assert (out.double() - ref).abs().max() < 1e-5
