@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .block_mask import BlockMask, create_block_mask
-from .mods import TensorIndexMode, noop_mask
+from .mods import FlexModError, TensorIndexMode, explain_mod_error, mod_name, noop_mask
 from .printer import HELPERS, PrintedMod, identity_mod, print_mod
 from .reference import math_attention
 
@@ -78,9 +78,18 @@ def _printed_mod(fn: Optional[Callable], kind: str, device: torch.device, fast_t
     idx = [torch.zeros((), dtype=torch.int32, device=device) for _ in range(4)]
     args = ([torch.zeros((), device=device)] if kind == "score_mod" else []) + idx
     rec = _CapturedTensors()
-    with rec:
-        fn(*args)
     inputs = {id(a) for a in args}
+    try:
+        with rec:
+            fn(*args)
+    except Exception as e:  # noqa: BLE001
+        for t in rec.seen:
+            if id(t) not in inputs and t.device.type != device.type:
+                raise FlexModError(
+                    f"{kind} '{mod_name(fn)}' captures a tensor on {t.device} but the inputs are on {device}; "
+                    f"move the captured tensor to {device}"
+                ) from e
+        raise explain_mod_error(fn, kind, e) from e
     live = [t for t in rec.seen if id(t) not in inputs]
     key = (kind, device.type, fast_tanh, _closure_scalars(fn), getattr(fn, "__code__", None))
     try:

@@ -51,7 +51,8 @@ def check_arity(fn: Optional[Callable], kind: str) -> None:
         )
 
 
-def _explain(fn: Callable, kind: str, err: Exception) -> Exception:
+def explain_mod_error(fn: Callable, kind: str, err: Exception) -> Exception:
+    """Turn an exception raised inside a user's mod into a FlexModError that says what to change."""
     msg = str(err)
     name = mod_name(fn)
     if "data-dependent control flow" in msg or "Boolean value of Tensor" in msg:
@@ -59,6 +60,11 @@ def _explain(fn: Callable, kind: str, err: Exception) -> Exception:
             f"{kind} '{name}' uses Python control flow on a tensor (`if`, `not`, `and`/`or`, a "
             f"comparison used as a bool). Mods are traced over whole index grids: write it with "
             f"torch.where(cond, a, b) and the tensor operators ~, &, | instead."
+        )
+    if "_local_scalar_dense" in msg:
+        return FlexModError(
+            f"{kind} '{name}' turns a tensor into a Python value (`if`/`not`/`and`/`or` on a tensor, "
+            f".item(), int(), float()). Write it with torch.where(cond, a, b) and ~, &, | instead."
         )
     if ".item()" in msg or "item()" in msg:
         return FlexModError(
@@ -102,7 +108,7 @@ def eval_mask_grid(mask_mod: Callable, b: torch.Tensor, h: torch.Tensor, q: torc
     except FlexModError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure inside user code gets explained
-        raise _explain(mask_mod, "mask_mod", e) from e
+        raise explain_mod_error(mask_mod, "mask_mod", e) from e
     return _check_result(mask_mod, "mask_mod", res, (b.numel(), h.numel(), q.numel(), kv.numel()))
 
 
@@ -113,7 +119,7 @@ def eval_score_grid(score_mod: Callable, score: torch.Tensor, b, h, q, kv) -> to
     except FlexModError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise _explain(score_mod, "score_mod", e) from e
+        raise explain_mod_error(score_mod, "score_mod", e) from e
     return _check_result(score_mod, "score_mod", res, score.shape)
 
 

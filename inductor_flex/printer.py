@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .mods import FlexModError, TensorIndexMode, mod_name
+from .mods import FlexModError, TensorIndexMode, explain_mod_error, mod_name
 
 aten = torch.ops.aten
 
@@ -464,7 +464,7 @@ def _trace(fn: Callable, kind: str, score_dtype: torch.dtype, device) -> torch.f
     except FlexModError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise FlexModError(f"{kind} '{mod_name(fn)}' could not be traced for the Triton kernel: {type(e).__name__}: {e}") from e
+        raise explain_mod_error(fn, kind, e) from e
 
 
 def print_mod(fn: Callable, kind: str, device, fast_tanh: bool = False) -> PrintedMod:

@@ -133,3 +133,10 @@ def test_unsupported_op_in_kernel_names_op_and_mod():
     assert "atan2" in str(info.value) and "uses_cumsum" in str(info.value)
 
 
+
+
+@pytest.mark.parametrize("mod", [item_mod], ids=["item"])
+def test_kernel_path_explains_python_values(mod):
+    q, k, v = qkv(E=16)
+    with pytest.raises(FlexModError, match="torch.where"):
+        flex_attention(q, k, v, score_mod=mod, kernel_options={"BACKEND": "TRITON"})
