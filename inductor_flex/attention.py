@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
@@ -82,8 +83,16 @@ def flex_attention(
         out, lse, max_scores = math_attention(query, key, value, score_mod, block_mask, scale)
     else:
         from .kernel import kernel_attention
+        from .mods import FlexModError
 
-        out, lse, max_scores = kernel_attention(query, key, value, score_mod, block_mask, scale, opts)
+        try:
+            out, lse, max_scores = kernel_attention(query, key, value, score_mod, block_mask, scale, opts)
+        except FlexModError as e:
+            if opts["BACKEND"] != "AUTO" or "not supported by the Triton kernel" not in str(e):
+                raise
+            # AUTO keeps working for mods the printer cannot translate; TRITON would raise
+            warnings.warn(f"inductor_flex: {e}; falling back to the math path", stacklevel=2)
+            out, lse, max_scores = math_attention(query, key, value, score_mod, block_mask, scale)
     if return_aux is not None:
         return out, AuxOutput(lse=lse if return_aux.lse else None, max_scores=max_scores if return_aux.max_scores else None)
     if return_lse:

@@ -111,6 +111,13 @@ def validate_block_mask(block_mask, B, Hq, Lq, Lkv, device) -> None:
             f"({n_q}x{n_kv} blocks of {q_bs}x{kv_bs}) but query/key have Q_LEN={Lq}, KV_LEN={Lkv} "
             f"(needs {want_q}x{want_kv} blocks); rebuild it with create_block_mask(..., {Lq}, {Lkv})"
         )
+    mq, mkv = block_mask.seq_lengths
+    if Lq > mq or Lkv > mkv:
+        # same block counts but longer sequences: the new positions were never classified
+        raise ValueError(
+            f"block_mask was built for Q_LEN={mq}, KV_LEN={mkv} but query/key have Q_LEN={Lq}, KV_LEN={Lkv}; "
+            f"rebuild it with create_block_mask(..., {Lq}, {Lkv})"
+        )
     bm_b, bm_h = block_mask.kv_num_blocks.shape[:2]
     if bm_b not in (1, B):
         raise ValueError(f"block_mask has batch size {bm_b}; expected 1 (broadcast) or {B}")

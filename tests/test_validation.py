@@ -140,3 +140,10 @@ def test_kernel_path_explains_python_values(mod):
     q, k, v = qkv(E=16)
     with pytest.raises(FlexModError, match="torch.where"):
         flex_attention(q, k, v, score_mod=mod, kernel_options={"BACKEND": "TRITON"})
+
+
+def test_block_mask_for_longer_sequence_same_block_count():
+    bm = create_block_mask(generate_causal_mask(), None, None, 100, 100, device="cpu", BLOCK_SIZE=128)
+    q, k, v = qkv(L=120)
+    with pytest.raises(ValueError, match="built for Q_LEN=100"):
+        flex_attention(q, k, v, block_mask=bm)
