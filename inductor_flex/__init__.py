@@ -27,6 +27,10 @@ def _mount_source_subpackages() -> None:
 
 _mount_source_subpackages()
 
+from .compat import check_torch_version as _check_torch_version
+
+_check_torch_version()
+
 from .attention import AuxOutput, AuxRequest, flex_attention
 from .block_mask import BlockMask, create_block_mask, create_mask
 from .mods import FlexModError, and_masks, noop_mask, or_masks

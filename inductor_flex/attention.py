@@ -65,12 +65,15 @@ def flex_attention(
     q_idx, kv_idx)`` edits each score; ``block_mask`` (from create_block_mask) skips blocks and
     applies its mask_mod. Rows with nothing to attend give 0 output and -inf lse.
     """
-    if torch.compiler.is_compiling():
-        from .hop import flex_attention_hop_call
+    return _flex_attention_eager(
+        query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux
+    )
 
-        return flex_attention_hop_call(
-            query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux
-        )
+
+# Under torch.compile the call is a graph break into the eager fused kernel until the HOP lands.
+@torch.compiler.disable
+def _flex_attention_eager(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                          kernel_options, return_aux):
     validate_inputs(query, key, value, block_mask, scale, enable_gqa)
     check_arity(score_mod, "score_mod")
     if return_aux is not None and not isinstance(return_aux, AuxRequest):
