@@ -94,13 +94,13 @@ def math_attention(
         partial_map = full_map = mask_mod = None
         block_size = (1, 1)
     rows = max(1, chunk_elems // max(1, B * Hq * Lkv))
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     outs, lses, maxes = [], [], []
     for q0 in range(0, Lq, rows):
         q_chunk = query[:, :, q0:q0 + rows]
         args = (q_chunk, key, value, q0, score_mod, mask_mod, partial_map, full_map, block_size, scale)
-        if need_grad or torch.is_grad_enabled():
-            # checkpoint also covers tensors captured by the mods that require grad
+        if torch.is_grad_enabled():
+            # checkpoint also covers tensors captured by the mods (they may require grad even
+            # when q/k/v do not): backward recomputes one chunk at a time
             o, l, m = checkpoint(_chunk_forward, *args, use_reentrant=False)
         else:
             o, l, m = _chunk_forward(*args)
