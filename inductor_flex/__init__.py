@@ -34,6 +34,13 @@ _check_torch_version()
 from .attention import AuxOutput, AuxRequest, flex_attention
 from .block_mask import BlockMask, create_block_mask, create_mask
 from .mods import FlexModError, and_masks, noop_mask, or_masks
+from . import dynamo as _dynamo
+
+_dynamo.install()
+
+from .lowering import forward as _lowering_forward  # noqa: E402
+
+_lowering_forward.register()
 
 __version__ = "0.1.0"
 

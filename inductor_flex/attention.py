@@ -65,21 +65,52 @@ def flex_attention(
     q_idx, kv_idx)`` edits each score; ``block_mask`` (from create_block_mask) skips blocks and
     applies its mask_mod. Rows with nothing to attend give 0 output and -inf lse.
     """
+    if torch.compiler.is_dynamo_compiling():
+        return _flex_attention_traced(
+            query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux
+        )
     return _flex_attention_eager(
         query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux
     )
 
 
-# Under torch.compile the call is a graph break into the eager fused kernel until the HOP lands.
+def _check_return_options(return_lse, return_aux) -> None:
+    if return_aux is not None and not isinstance(return_aux, AuxRequest):
+        raise TypeError(f"return_aux must be an AuxRequest or None, got {type(return_aux).__name__}")
+    if return_lse and return_aux is not None:
+        raise ValueError("pass either return_lse=True or return_aux=AuxRequest(lse=True), not both")
+
+
+def _package(out, lse, max_scores, return_lse, return_aux):
+    if return_aux is not None:
+        return out, AuxOutput(lse=lse if return_aux.lse else None, max_scores=max_scores if return_aux.max_scores else None)
+    if return_lse:
+        return out, lse
+    return out
+
+
+def _flex_attention_traced(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                           kernel_options, return_aux):
+    # Under Dynamo: the same checks (they only read shapes, dtypes and Python values), then the
+    # HOP, which Dynamo captures with the mods as subgraphs and their captured tensors as operands.
+    from .hop import block_mask_tuple, flex_attention_hop, identity_score
+
+    validate_inputs(query, key, value, block_mask, scale, enable_gqa)
+    _check_return_options(return_lse, return_aux)
+    opts = validate_kernel_options(kernel_options)
+    bm = block_mask_tuple(block_mask, query.shape[2], key.shape[2])
+    out, lse, max_scores = flex_attention_hop(
+        query, key, value, identity_score if score_mod is None else score_mod, bm, scale, opts
+    )
+    return _package(out, lse, max_scores, return_lse, return_aux)
+
+
 @torch.compiler.disable
 def _flex_attention_eager(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
                           kernel_options, return_aux):
     validate_inputs(query, key, value, block_mask, scale, enable_gqa)
     check_arity(score_mod, "score_mod")
-    if return_aux is not None and not isinstance(return_aux, AuxRequest):
-        raise TypeError(f"return_aux must be an AuxRequest or None, got {type(return_aux).__name__}")
-    if return_lse and return_aux is not None:
-        raise ValueError("pass either return_lse=True or return_aux=AuxRequest(lse=True), not both")
+    _check_return_options(return_lse, return_aux)
     opts = validate_kernel_options(kernel_options)
     backend = _choose_backend(opts, query, score_mod, block_mask)
     if backend == "MATH":
@@ -96,8 +127,4 @@ def _flex_attention_eager(query, key, value, score_mod, block_mask, scale, enabl
             # AUTO keeps working for mods the printer cannot translate; TRITON would raise
             warnings.warn(f"inductor_flex: {e}; falling back to the math path", stacklevel=2)
             out, lse, max_scores = math_attention(query, key, value, score_mod, block_mask, scale)
-    if return_aux is not None:
-        return out, AuxOutput(lse=lse if return_aux.lse else None, max_scores=max_scores if return_aux.max_scores else None)
-    if return_lse:
-        return out, lse
-    return out
+    return _package(out, lse, max_scores, return_lse, return_aux)

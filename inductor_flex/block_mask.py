@@ -181,6 +181,8 @@ class BlockMask:
                     raise IndexError(f"index {i} out of range for BlockMask dim {dim} of size {size}")
                 i = i % size
                 norm.append(slice(i, i + 1))
+            elif isinstance(i, torch.Tensor) and i.dim() == 0:
+                norm.append(i.reshape(1))  # a 0-d index (e.g. input_pos // BLOCK) keeps the dim too, no sync
             elif isinstance(i, slice) or isinstance(i, torch.Tensor):
                 norm.append(i)
             else:

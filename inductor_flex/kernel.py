@@ -23,7 +23,6 @@ import torch
 from .block_mask import BlockMask, create_block_mask
 from .mods import FlexModError, TensorIndexMode, explain_mod_error, mod_name, noop_mask
 from .printer import HELPERS, PrintedMod, identity_mod, print_mod
-from .reference import math_attention
 
 from inductor_flex.lowering.configs import Config, forward_configs, head_pad, user_config
 from inductor_flex.templates import render
@@ -69,11 +68,76 @@ def _closure_scalars(fn) -> tuple:
 
 
 _printed: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
+_SCALARS = (int, float, bool, str, type(None), torch.dtype)
+
+
+def _fingerprint(fn, depth: int = 0, seen=None) -> Optional[tuple]:
+    """(scalars, tensors) everything ``fn`` can read: its closure cells, the globals its code names,
+    and the same of the functions among them. None when something opaque is reachable (an object
+    whose attributes might hold tensors), in which case the mod must be run to see what it reads."""
+    seen = set() if seen is None else seen
+    if id(fn) in seen:
+        return (), ()
+    seen.add(id(fn))
+    code = getattr(fn, "__code__", None)
+    if code is None or depth > 6 or getattr(fn, "__self__", None) is not None:
+        return None
+    values = []
+    for c in fn.__closure__ or ():
+        try:
+            values.append(c.cell_contents)
+        except ValueError:
+            values.append(None)
+    glb = getattr(fn, "__globals__", {})
+    codes = [code] + [c for c in code.co_consts if hasattr(c, "co_names")]
+    for co in codes:
+        for name in co.co_names:
+            if name in glb and not isinstance(glb[name], type(torch)):
+                values.append(glb[name])
+    scalars, tensors = [], []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            tensors.append(v)
+        elif isinstance(v, _SCALARS):
+            scalars.append(v)
+        elif isinstance(v, tuple) and all(isinstance(x, _SCALARS) for x in v):
+            scalars.append(v)
+        elif callable(v) and hasattr(v, "__code__"):
+            sub = _fingerprint(v, depth + 1, seen)
+            if sub is None:
+                return None
+            scalars.append((v.__code__, sub[0]))
+            tensors.extend(sub[1])
+        elif not isinstance(v, type) and callable(v) and (getattr(v, "__module__", None) or "").startswith("torch"):
+            continue  # torch's own functions hold no tensors of the caller's (classes may: not exempt)
+        else:
+            return None
+    return tuple(scalars), tuple(tensors)
 
 
 def _printed_mod(fn: Optional[Callable], kind: str, device: torch.device, fast_tanh: bool) -> PrintedMod:
     if fn is None or fn is noop_mask:
         return identity_mod(kind)
+    # fast path: nothing the mod can reach has changed since it was printed, so neither has what it reads
+    fp = _fingerprint(fn)
+    if fp is not None:
+        try:
+            fast = _printed.setdefault(fn, {}).setdefault("fingerprints", {})
+        except TypeError:
+            fast = {}
+        fkey = (kind, device.type, fast_tanh, fp[0], tuple(id(t) for t in fp[1]))
+        hit = fast.get(fkey)
+        if hit is not None and all(r() is t for r, t in zip(hit[1], fp[1])):
+            return hit[0]
+        printed = _printed_mod_slow(fn, kind, device, fast_tanh)
+        if len(fast) > 16:  # e.g. a fresh bias tensor every step: keep the cache small
+            fast.clear()
+        fast[fkey] = (printed, [weakref.ref(t) for t in fp[1]])
+        return printed
+    return _printed_mod_slow(fn, kind, device, fast_tanh)
+
+
+def _printed_mod_slow(fn: Callable, kind: str, device: torch.device, fast_tanh: bool) -> PrintedMod:
     # the tensors the mod reads right now; a cached print is reused only if they are the same objects
     idx = [torch.zeros((), dtype=torch.int32, device=device) for _ in range(4)]
     args = ([torch.zeros((), device=device)] if kind == "score_mod" else []) + idx
@@ -159,6 +223,7 @@ def kernel_supports(qk_head: int, v_head: Optional[int], block_mask: Optional[Bl
 
 
 _noop_masks: Dict[tuple, BlockMask] = {}
+_config_cache: Dict[tuple, list] = {}
 _rendered: Dict[tuple, tuple] = {}
 
 
@@ -193,11 +258,16 @@ class ForwardPlan:
         mm = self.block_mask.mask_mod if block_mask is not None else None
         self.mask = _printed_mod(mm, "mask_mod", self.device, False)
         self.has_score_mod = score_mod is not None
+        self.score_mod, self.user_block_mask, self.opts = score_mod, block_mask, opts
         self.source = self._render(query, value)
         B, Hq, Lq, E = query.shape
         Ev = value.shape[-1]
         self.scale = scale if scale is not None else 1.0 / math.sqrt(E)
-        self.candidates = forward_configs(E, Ev, query.dtype, self.block_mask.BLOCK_SIZE, self.device, self.interpret)
+        ckey = (E, Ev, query.dtype, self.block_mask.BLOCK_SIZE, str(self.device), self.interpret)
+        self.candidates = _config_cache.get(ckey)
+        if self.candidates is None:
+            self.candidates = _config_cache[ckey] = forward_configs(
+                E, Ev, query.dtype, self.block_mask.BLOCK_SIZE, self.device, self.interpret)
         self.pinned = user_config(opts, self.candidates[0])
         if self.pinned is not None:
             q_bs, kv_bs = self.block_mask.BLOCK_SIZE
@@ -219,30 +289,39 @@ class ForwardPlan:
         return source
 
     def _render_uncached(self) -> str:
-        sm, mm = self.score, self.mask
-        desc = f"score_mod={sm.source.splitlines()[2].strip('# ') if sm.tensors or sm.params or 'return score' not in sm.source else 'none'}"
-        return render(
-            "flex_forward.py.jinja",
-            description=desc,
-            helpers=HELPERS,
-            score_mod_source=sm.source,
-            mask_mod_source=mm.source,
-            mod_params="".join(p + ", " for p in sm.params + mm.params),
-            mod_args="".join(p + ", " for p in sm.params + mm.params),
-            score_mod_args=", ".join(sm.params),
-            mask_mod_args=", ".join(mm.params),
-        )
+        return render("flex_forward.py.jinja", **template_hooks(self.score, self.mask))
 
 
-def _block_mask_args(bm: BlockMask, B: int, Hq: int):
-    nq = bm.num_blocks[0]
-    kv_num = bm.kv_num_blocks.expand(B, Hq, nq)
-    kv_idx = bm.kv_indices.contiguous().expand(B, Hq, nq, bm.kv_indices.shape[-1])
-    if bm.full_kv_num_blocks is not None:
-        full_num = bm.full_kv_num_blocks.expand(B, Hq, nq)
-        full_idx = bm.full_kv_indices.contiguous().expand(B, Hq, nq, bm.full_kv_indices.shape[-1])
+def template_hooks(sm: PrintedMod, mm: PrintedMod) -> dict:
+    """The hooks every template shares: the printed mods and their captured-tensor parameters."""
+    plain = not sm.tensors and not sm.params and "return score" in sm.source
+    return dict(
+        description=f"score_mod={'none' if plain else sm.source.splitlines()[2].strip('# ')}",
+        helpers=HELPERS,
+        score_mod_source=sm.source,
+        mask_mod_source=mm.source,
+        mod_params="".join(p + ", " for p in sm.params + mm.params),
+        mod_args="".join(p + ", " for p in sm.params + mm.params),
+        score_mod_args=", ".join(sm.params),
+        mask_mod_args=", ".join(mm.params),
+    )
+
+
+def _block_mask_args(bm: BlockMask, B: int, Hq: int, side: str = "kv"):
+    """(num, indices, full_num, full_indices) broadcast to (B, Hq, ...): the kv-side lists (blocks
+    each query block reads) or, with side="q", the q-side lists (blocks that read each kv block)."""
+    if side == "q":
+        num, idx, fnum, fidx = bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices
     else:
-        full_num = torch.zeros_like(bm.kv_num_blocks).expand(B, Hq, nq)
+        num, idx, fnum, fidx = bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices
+    rows = num.shape[-1]
+    kv_num = num.expand(B, Hq, rows)
+    kv_idx = idx.contiguous().expand(B, Hq, rows, idx.shape[-1])
+    if fnum is not None:
+        full_num = fnum.expand(B, Hq, rows)
+        full_idx = fidx.contiguous().expand(B, Hq, rows, fidx.shape[-1])
+    else:
+        full_num = torch.zeros_like(num).expand(B, Hq, rows)
         full_idx = kv_idx
     if full_idx.stride()[:3] != kv_idx.stride()[:3]:
         full_idx = full_idx.contiguous()
@@ -253,12 +332,43 @@ def _block_mask_args(bm: BlockMask, B: int, Hq: int):
     return kv_num, kv_idx, full_num, full_idx
 
 
+_plans: Dict[tuple, tuple] = {}
+
+
+def cached_plan(query, key, value, score_mod, block_mask, scale, opts) -> ForwardPlan:
+    """A ForwardPlan, reused across calls with the same mods, BlockMask, shapes and strides while the
+    mods still print to the same helpers (the eager path's per-call host cost is mostly planning)."""
+    key_ = (query.shape, key.shape, value.shape, query.stride(), key.stride(), value.stride(), query.dtype,
+            key.dtype, query.device, id(score_mod), id(block_mask), scale, tuple(sorted(opts.items())))
+    hit = _plans.get(key_)
+    if hit is not None:
+        plan, sm_ref, bm_ref = hit
+        if (sm_ref() if sm_ref is not None else None) is score_mod and (bm_ref() if bm_ref is not None else None) is block_mask:
+            mm = block_mask.mask_mod if block_mask is not None else None
+            if (_printed_mod(score_mod, "score_mod", plan.device, plan.fast_tanh) is plan.score
+                    and _printed_mod(mm, "mask_mod", plan.device, False) is plan.mask):
+                return plan
+    plan = ForwardPlan(query, key, value, score_mod, block_mask, scale, opts)
+    try:
+        refs = (weakref.ref(score_mod) if score_mod is not None else None,
+                weakref.ref(block_mask) if block_mask is not None else None)
+    except TypeError:
+        return plan
+    if len(_plans) > 64:  # plans hold their mods' tensors: keep few
+        _plans.clear()
+    _plans[key_] = (plan, *refs)
+    return plan
+
+
 def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Config):
     """(grid, positional args, constexpr kwargs) of one forward launch."""
     B, Hq, Lq, E = query.shape
     Hkv, Lkv, Ev = key.shape[1], key.shape[2], value.shape[-1]
     bm = plan.block_mask
-    kv_num, kv_idx, full_num, full_idx = _block_mask_args(bm, B, Hq)
+    bm_args = plan.__dict__.setdefault("_bm_args", {})
+    if (B, Hq) not in bm_args:
+        bm_args[(B, Hq)] = _block_mask_args(bm, B, Hq)
+    kv_num, kv_idx, full_num, full_idx = bm_args[(B, Hq)]
     q_bs, kv_bs = bm.BLOCK_SIZE
     log2e = 1.4426950408889634
     qk_scale = plan.scale if plan.has_score_mod else plan.scale * log2e
@@ -340,46 +450,45 @@ def _pick_config(plan: ForwardPlan, launch, query, key, value) -> Config:
     return best
 
 
-# ---- autograd: fused forward, backward by chunked recompute until the backward kernels land ----
+# ---- autograd: fused forward, fused backward --------------------------------------------------
 class _KernelForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan, score_mod, block_mask, scale, query, key, value, *captured):
+    def forward(ctx, plan, query, key, value, *captured):
         out, lse, mx = run_forward(plan, query, key, value)
-        ctx.save_for_backward(query, key, value, *captured)
-        ctx.mods = (score_mod, block_mask, scale)
+        ctx.save_for_backward(query, key, value, out, lse, *captured)
+        ctx.plan = plan
         ctx.mark_non_differentiable(mx)
         return out, lse, mx
 
     @staticmethod
     def backward(ctx, g_out, g_lse, g_mx):
-        query, key, value, *captured = ctx.saved_tensors
-        score_mod, block_mask, scale = ctx.mods
-        Hq, Hkv = query.shape[1], key.shape[1]
-        with torch.enable_grad():
-            q = query.detach().requires_grad_(ctx.needs_input_grad[4])
-            k = key.detach().requires_grad_(ctx.needs_input_grad[5])
-            v = value.detach().requires_grad_(ctx.needs_input_grad[6])
-            out, lse, _ = math_attention(q, k, v, score_mod, block_mask, scale)
-            wrt = [t for t, need in zip((q, k, v), ctx.needs_input_grad[4:7]) if need]
-            cap = [t for t, need in zip(captured, ctx.needs_input_grad[7:]) if need]
-            outs, grads = [out], [g_out]
-            if g_lse is not None:
-                outs.append(lse)
-                grads.append(g_lse.to(lse.dtype))
-            res = list(torch.autograd.grad(outs, wrt + cap, grads, allow_unused=True)) if wrt + cap else []
-        it = iter(res)
-        qkv = [next(it) if need else None for need in ctx.needs_input_grad[4:7]]
-        caps = [next(it) if need else None for need in ctx.needs_input_grad[7:]]
-        return (None, None, None, None, *qkv, *caps)
+        from .backward import BackwardPlan, run_backward
+
+        query, key, value, out, lse, *captured = ctx.saved_tensors
+        plan = ctx.plan
+        n_score = len(plan.score.tensors)
+        needs = ctx.needs_input_grad[4:]
+        grad_caps = tuple(bool(n) and t.is_floating_point() for n, t in zip(needs[:n_score], captured[:n_score]))
+        bplan = BackwardPlan(plan, plan.score_mod, grad_caps, plan.opts)
+        dq, dk, dv, cap_grads = run_backward(bplan, query, key, value, out, lse, g_out, g_lse, grad_caps)
+        cap_grads = list(cap_grads) + [None] * (len(captured) - len(cap_grads))
+        qkv = [g if need else None for g, need in zip((dq, dk, dv), ctx.needs_input_grad[1:4])]
+        return (None, *qkv, *cap_grads)
 
 
 def kernel_attention(query, key, value, score_mod, block_mask, scale, opts):
-    plan = ForwardPlan(query, key, value, score_mod, block_mask, scale, opts)
+    if opts["BACKEND"] == "TRITON_DECODE" or query.shape[2] <= 16:
+        from .decode import maybe_decode  # short queries without grad: split-KV decode kernel
+
+        res = maybe_decode(query, key, value, score_mod, block_mask, scale, opts)
+        if res is not None:
+            return res
+    plan = cached_plan(query, key, value, score_mod, block_mask, scale, opts)
     captured = plan.score.tensors + plan.mask.tensors
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captured))
     if not needs_grad:
         return run_forward(plan, query, key, value)
-    out, lse, mx = _KernelForward.apply(plan, score_mod, block_mask, scale, query, key, value, *captured)
+    out, lse, mx = _KernelForward.apply(plan, query, key, value, *captured)
     return out, lse, mx
 
 

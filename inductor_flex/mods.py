@@ -8,6 +8,7 @@ explain instead of a silently wrong trace.
 from __future__ import annotations
 
 import functools
+import weakref
 import inspect
 from typing import Callable, Optional
 
@@ -27,10 +28,26 @@ def mod_name(fn: Callable) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
+_ARITY_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def check_arity(fn: Optional[Callable], kind: str) -> None:
     """Raise a FlexModError unless ``fn`` accepts exactly the arguments of a ``kind`` mod."""
     if fn is None:
         return
+    try:
+        if _ARITY_OK.get(fn) == (kind, getattr(fn, "__code__", None)):
+            return  # inspect.signature costs more than a small kernel launch: check once per function
+    except TypeError:
+        pass
+    _check_arity(fn, kind)
+    try:
+        _ARITY_OK[fn] = (kind, getattr(fn, "__code__", None))
+    except TypeError:
+        pass
+
+
+def _check_arity(fn: Callable, kind: str) -> None:
     expected = SCORE_MOD_ARGS if kind == "score_mod" else MASK_MOD_ARGS
     if not callable(fn):
         raise FlexModError(f"{kind} must be a callable {kind}({', '.join(expected)}), got {type(fn).__name__}")

@@ -46,7 +46,9 @@ def _pymod(a, b):
 
 @triton.jit
 def _tanh(x):
-    # exact to a few ulp and runs everywhere (libdevice is unavailable in the interpreter)
+    # exact to a few ulp and runs everywhere (libdevice is unavailable in the interpreter); an
+    # FMA-only Newton reciprocal instead of the division measured slower on the H100 (softcap fwd
+    # 255 vs 303 TFLOP/s), and so did x * (1 / c) for x / c (280 vs 303, one run each)
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
@@ -67,6 +69,10 @@ class Value:
     code: str
     dtype: torch.dtype
     axes: frozenset = frozenset()
+    # for integer values: the same number as a float32 expression over the index vectors, so a
+    # (BLOCK_M, BLOCK_N) int->float conversion (a quarter-rate instruction) is never needed;
+    # exact while the integers stay below 2**24
+    fcode: Optional[str] = None
 
 
 @dataclass
@@ -86,6 +92,18 @@ class _Constant:
     """A graph constant not yet used: a literal if the mod created it, else a captured tensor."""
 
     tensor: torch.Tensor
+
+
+@dataclass
+class _GradBuf:
+    """A zero-initialised gradient buffer of a captured tensor plus the scatter-adds into it.
+
+    The joint graph builds a captured tensor's gradient as ``new_zeros(shape)`` followed by
+    ``index_put(..., accumulate=True)``; in the kernel each of those becomes an atomic add into
+    the gradient buffer, so repeated indices and several reads of one tensor just add up."""
+
+    shape: tuple
+    pending: list  # [(index Values, value Value)]
 
 
 @dataclass
@@ -182,6 +200,27 @@ class _Printer:
         self.lines.append(f"{name} = {code}")
         return Value(name, dtype, frozenset(axes))
 
+    @staticmethod
+    def float_form(v: Value) -> Optional[str]:
+        if v.fcode is not None:
+            return v.fcode
+        if v.dtype in (torch.int32, torch.int64) and v.code.lstrip("-").isdigit() and abs(int(v.code)) < (1 << 24):
+            return repr(float(v.code))
+        return None
+
+    def as_float(self, v: Value, result_dtype: torch.dtype) -> Value:
+        """An int operand of a float op, given by its float form when it has one."""
+        if _is_float(result_dtype) and not _is_float(v.dtype) and v.dtype != torch.bool:
+            f = self.float_form(v)
+            if f is not None and v.axes:
+                return Value(f"({f})", torch.float32, v.axes)
+        return v
+
+    def int_result(self, code: str, dtype: torch.dtype, axes, fcode: Optional[str]) -> Value:
+        v = self.emit(code, dtype, axes)
+        v.fcode = fcode if (fcode is not None and not _is_float(dtype) and dtype != torch.bool) else None
+        return v
+
     def val(self, a) -> Value:
         if isinstance(a, torch.fx.Node):
             v = self.env[a]
@@ -248,13 +287,71 @@ class _Printer:
             axes |= iv.axes
         return TensorView(view.arg, view.dims, offset, mask, frozenset(axes), view.dtype)
 
+    # -- captured-tensor gradients (joint graphs) ----------------------------------------------
+    def scatter(self, buf: "_GradBuf", indices, values) -> "_GradBuf":
+        idx = [self.val(i) for i in indices]
+        if isinstance(values, _GradBuf):  # t[i][j]: the inner gradient lands under index i
+            return _GradBuf(buf.shape, buf.pending + [(idx + pi, pv) for pi, pv in values.pending])
+        return _GradBuf(buf.shape, buf.pending + [(idx, values if isinstance(values, Value) else self.val(values))])
+
+    def index_put(self, node) -> "_GradBuf":
+        buf = self.env[node.args[0]]
+        accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+        if not isinstance(buf, _GradBuf) or not accumulate:
+            raise self.fail("index_put outside a captured tensor's gradient")
+        if any(i is None for i in node.args[1]):
+            raise self.fail("the gradient of a sliced captured tensor")
+        vals = node.args[2]
+        v = self.env[vals] if isinstance(vals, torch.fx.Node) else vals
+        if isinstance(v, (_Constant, TensorView)):
+            v = self.val(vals)
+        return self.scatter(buf, node.args[1], v)
+
+    def atomics(self, arg: int, grad, ptr: str) -> List[str]:
+        """Lines that add the gradient of captured tensor ``arg`` (a _GradBuf or a dense 0-d value)
+        into the float32 buffer ``ptr`` (contiguous, the tensor's shape)."""
+        t = self.tensors[arg]
+        p = self.params_of(arg)
+        ndim = t.dim()
+        sizes = p[1:1 + ndim]
+        pending = grad.pending if isinstance(grad, _GradBuf) else [([], grad)]
+        lines = []
+        for idx, v in pending:
+            if len(idx) != ndim:
+                raise self.fail("the gradient of a captured tensor read with fewer indices than it has dims")
+            offset, mask, axes = "tl.full([1, 1], 0, tl.int32)", None, set()
+            for d, iv in enumerate(idx):
+                stride = " * ".join(sizes[d + 1:]) or "1"
+                w = f"tl.where({iv.code} < 0, {iv.code} + {sizes[d]}, {iv.code})"
+                if not iv.axes:  # a (1, 1) tile: the interpreter rejects scalar & tile masks
+                    w = f"tl.full([1, 1], 0, tl.int32) + {w}"
+                ok = f"(({w}) >= 0) & (({w}) < {sizes[d]})"
+                mask = ok if mask is None else f"{mask} & {ok}"
+                offset = f"{offset} + ({w}) * ({stride})"
+                axes |= set(iv.axes)
+            code = f"({v.code}).to(tl.float32)" if v.axes else f"tl.full([1, 1], {v.code}, tl.float32)"
+            # every term is linear in grad: where grad is 0 (masked, padded) the term is 0, even if
+            # the mod's derivative there is inf (sqrt at 0) and would turn 0 * inf into NaN
+            code = f"tl.where(grad != 0.0, {code}, 0.0)"
+            # sum over the tile axes the index does not vary along: one atomic per distinct address
+            if "n" in v.axes and "n" not in axes:
+                code = f"tl.sum({code}, 1)[:, None]"
+            if "m" in v.axes and "m" not in axes:
+                code = f"tl.sum({code}, 0)[None, :]"
+            n = self.counter
+            self.counter += 1
+            lines.append(f"_gp{n}, _gv{n} = tl.broadcast({ptr} + ({offset}), {code})")
+            keep = f"_gv{n} != 0.0" if mask is None else f"({mask}) & (_gv{n} != 0.0)"
+            lines.append(f"tl.atomic_add(_gp{n}, _gv{n}, mask={keep}, sem=\"relaxed\")")
+        return lines
+
     # -- main loop ----------------------------------------------------------------------------
     def run(self, names: Tuple[str, ...]) -> str:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         axes_of = {"score": ("m", "n"), "b": (), "h": (), "q_idx": ("m",), "kv_idx": ("n",)}
         for n, name in zip(placeholders, names):
             dt = torch.float32 if name == "score" else torch.int32
-            self.env[n] = Value(name, dt, frozenset(axes_of[name]))
+            self.env[n] = Value(name, dt, frozenset(axes_of[name]), None if name == "score" else f"{name}.to(tl.float32)")
         result = None
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
@@ -290,8 +387,65 @@ class _Printer:
         body = "\n".join("    " + l for l in self.lines + [f"return {code}"])
         return body
 
+    def run_joint(self, grad_ptrs: Dict[int, str]) -> Tuple[str, List[str]]:
+        """Print a joint graph (score, b, h, q_idx, kv_idx, grad, *captured) -> (d score, *d captured).
+        Returns the body computing d score and the atomic-add lines for the captured gradients."""
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        names = ("score", "b", "h", "q_idx", "kv_idx", "grad")
+        axes_of = {"score": ("m", "n"), "b": (), "h": (), "q_idx": ("m",), "kv_idx": ("n",), "grad": ("m", "n")}
+        for n, name in zip(placeholders, names):
+            dt = torch.float32 if name in ("score", "grad") else torch.int32
+            fcode = None if name in ("score", "grad") else f"{name}.to(tl.float32)"
+            self.env[n] = Value(name, dt, frozenset(axes_of[name]), fcode)
+        for i, n in enumerate(placeholders[len(names):]):
+            self.env[n] = self.captured(self.tensors[i])
+        outs = None
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "get_attr":
+                self.env[node] = _Constant(getattr(self.gm, node.target))
+            elif node.op == "call_function":
+                self.env[node] = self.call(node)
+            elif node.op == "output":
+                outs = list(node.args[0])
+            else:
+                raise self.fail(f"FX node kind {node.op}")
+        d_score = outs[0]
+        if d_score is None:
+            code = "tl.zeros_like(score)"
+        else:
+            v = self.val(d_score)
+            code = v.code if v.dtype == torch.float32 else f"({v.code}).to(tl.float32)"
+            if v.axes != frozenset("mn"):
+                code = f"({code}) + tl.zeros_like(score)"
+        atomics: List[str] = []
+        for i, g in enumerate(outs[1:]):
+            if g is None or i not in grad_ptrs:
+                continue
+            gv = self.env[g] if isinstance(g, torch.fx.Node) else g
+            if not isinstance(gv, _GradBuf):
+                gv = self.val(g)
+            atomics += self.atomics(i, gv, grad_ptrs[i])
+        code = f"tl.where(grad != 0.0, {code}, 0.0)"
+        return "\n".join("    " + l for l in self.lines) + f"\n    d_score = {code}", atomics
+
     def call(self, node: torch.fx.Node):
         f = node.target
+        base = getattr(getattr(f, "overloadpacket", None), "__name__", "")
+        if base.endswith("_") and not base.startswith("_") and node.args and isinstance(node.args[0], torch.fx.Node):
+            # an in-place op (autograd formulas use a few): print the functional op, and later reads
+            # of the mutated value see the result
+            functional = getattr(getattr(aten, base[:-1], None), f._overloadname, None)
+            if functional is None:
+                raise self.fail(f"operator {f}")
+            node.target = functional
+            try:
+                out = self.call(node)
+            finally:
+                node.target = f
+            self.env[node.args[0]] = out
+            return out
         args, kw = node.args, node.kwargs
         out_dt = node.meta["val"].dtype if "val" in node.meta else None
         if f is aten.lift_fresh_copy.default and isinstance(self.env[args[0]], _Constant):
@@ -329,8 +483,12 @@ class _Printer:
                 raise self.fail(f"cast to {dt}")
             if v.dtype == torch.bool or dt == torch.bool:
                 code = f"({v.code} != 0)" if dt == torch.bool else f"{v.code}.to({TL_DTYPES[dt]})"
+            elif dt == torch.float32 and self.float_form(v) is not None and v.axes == frozenset("mn"):
+                code = self.float_form(v)  # converts the index vectors, not the tile
             else:
                 code = f"{v.code}.to({TL_DTYPES[dt]})"
+            if not _is_float(dt) and dt != torch.bool and self.float_form(v) is not None:
+                return self.int_result(code, dt, v.axes, self.float_form(v))
             return self.emit(code, dt, v.axes)
         if f in (aten.scalar_tensor.default, aten.full.default, aten.full_like.default, aten.new_full.default):
             value = args[0] if f is aten.scalar_tensor.default else args[1]
@@ -339,6 +497,29 @@ class _Printer:
             dt = out_dt or torch.float32
             lit = _lit(bool(value) if dt == torch.bool else (float(value) if dt.is_floating_point else int(value)))
             return Value(lit.code, dt)
+        if f in (aten.new_zeros.default, aten.zeros.default) and list(args[1] if f is aten.new_zeros.default else args[0]):
+            return _GradBuf(tuple(args[1] if f is aten.new_zeros.default else args[0]), [])
+        if f in (aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default):
+            return self.index_put(node)
+        if f is aten.select_backward.default:
+            g, sizes, dim, index = args[:4]
+            if dim != 0:
+                raise self.fail("the gradient of select on a non-leading dim")
+            return self.scatter(_GradBuf(tuple(sizes), []), [index], self.env[g] if isinstance(g, torch.fx.Node) else g)
+        if f is aten.add.Tensor and any(isinstance(self.env.get(a), _GradBuf) for a in args[:2] if isinstance(a, torch.fx.Node)):
+            a, b = (self.env.get(x) for x in args[:2])
+            if not (isinstance(a, _GradBuf) and isinstance(b, _GradBuf)):
+                raise self.fail("adding a dense value to a captured tensor's gradient")
+            return _GradBuf(a.shape, a.pending + b.pending)
+        if f is aten.tanh_backward.default:
+            g, y = self.val(args[0]), self.val(args[1])
+            return self.emit(f"{g.code} * (1.0 - {y.code} * {y.code})", torch.float32, g.axes | y.axes)
+        if f is aten.sigmoid_backward.default:
+            g, y = self.val(args[0]), self.val(args[1])
+            return self.emit(f"{g.code} * {y.code} * (1.0 - {y.code})", torch.float32, g.axes | y.axes)
+        if f is aten.threshold_backward.default:
+            g, x, thr = self.val(args[0]), self.val(args[1]), self.val(args[2])
+            return self.emit(f"tl.where({x.code} <= {thr.code}, 0.0, {g.code})", g.dtype, g.axes | x.axes)
         if f in _CONSTANT_LIKE:
             dt = out_dt or torch.float32
             v = _CONSTANT_LIKE[f]
@@ -350,10 +531,22 @@ class _Printer:
             if f in (aten.add.Tensor, aten.sub.Tensor) and kw.get("alpha", 1) != 1:
                 b = Value(f"({b.code} * {kw['alpha']!r})", b.dtype, b.axes)
             dt = out_dt or _promote(a.dtype, b.dtype)
+            fa, fb = self.float_form(a), self.float_form(b)
+            if not _is_float(dt) and op in "+-" and fa is not None and fb is not None:
+                return self.int_result(f"{a.code} {op} {b.code}", dt, a.axes | b.axes, f"({fa} {op} {fb})")
+            if not _is_float(dt) and op == "*" and fa is not None and fb is not None and (
+                    not a.axes or not b.axes) and (a.code.lstrip("-").isdigit() or b.code.lstrip("-").isdigit()):
+                return self.int_result(f"{a.code} {op} {b.code}", dt, a.axes | b.axes, f"({fa} {op} {fb})")
+            a, b = self.as_float(a, dt), self.as_float(b, dt)
             return self.emit(f"{a.code} {op} {b.code}", dt, a.axes | b.axes)
         if f in (aten.rsub.Scalar, aten.rsub.Tensor):
             a, b = self.val(args[0]), self.val(args[1])
-            return self.emit(f"{b.code} - {a.code}", out_dt or a.dtype, a.axes | b.axes)
+            dt = out_dt or a.dtype
+            fa, fb = self.float_form(a), self.float_form(b)
+            if not _is_float(dt) and fa is not None and fb is not None:
+                return self.int_result(f"{b.code} - {a.code}", dt, a.axes | b.axes, f"({fb} - {fa})")
+            a, b = self.as_float(a, dt), self.as_float(b, dt)
+            return self.emit(f"{b.code} - {a.code}", dt, a.axes | b.axes)
         if f in (aten.div.Tensor, aten.div.Scalar):
             a, b = self.val(args[0]), self.val(args[1])
             num = a.code if _is_float(a.dtype) or _is_float(b.dtype) else f"{a.code}.to(tl.float32)"
@@ -395,9 +588,15 @@ class _Printer:
             return self.emit(tmpl.format(x), dt, a.axes)
         if f is aten.abs.default:
             a = self.val(args[0])
+            fa = self.float_form(a)
+            if fa is not None and not _is_float(a.dtype):
+                return self.int_result(f"tl.abs({a.code})", a.dtype, a.axes, f"tl.abs({fa})")
             return self.emit(f"tl.abs({a.code})", a.dtype, a.axes)
         if f is aten.neg.default:
             a = self.val(args[0])
+            fa = self.float_form(a)
+            if fa is not None and not _is_float(a.dtype):
+                return self.int_result(f"-{a.code}", a.dtype, a.axes, f"(-{fa})")
             return self.emit(f"-{a.code}", a.dtype, a.axes)
         if f in (aten.bitwise_not.default, aten.logical_not.default):
             a = self.val(args[0])
@@ -449,7 +648,7 @@ class _Printer:
         if f is aten.square.default:
             a = self.val(args[0])
             return self.emit(f"{a.code} * {a.code}", a.dtype, a.axes)
-        if f is aten.sign.default:
+        if f in (aten.sign.default, aten.sgn.default):
             a = self.val(args[0])
             return self.emit(f"tl.where({a.code} > 0, 1, tl.where({a.code} < 0, -1, 0)).to({TL_DTYPES[a.dtype]})", a.dtype, a.axes)
         raise self.fail(f"operator {f}")
@@ -483,6 +682,64 @@ def print_mod(fn: Callable, kind: str, device, fast_tanh: bool = False) -> Print
                 f"move the captured tensor to {device}"
             )
     return PrintedMod(kind, source, p.tensors, p.params, p.used_fast_tanh)
+
+
+class _WithCaptured(torch.fx.Interpreter):
+    """Runs a traced mod with its captured tensors swapped for the given stand-ins."""
+
+    def __init__(self, gm, pairs):
+        super().__init__(gm)
+        self.pairs = pairs
+
+    def get_attr(self, target, args, kwargs):
+        t = super().get_attr(target, args, kwargs)
+        for orig, new in self.pairs:
+            if t is orig:
+                return new
+        return t
+
+
+def print_score_mod_backward(fn: Callable, fwd: PrintedMod, device, grad_caps: Tuple[bool, ...],
+                             fast_tanh: bool = False) -> PrintedMod:
+    """Print the joint graph of a score_mod: ``score_mod_bwd(score, b, h, q_idx, kv_idx, grad, ...)``
+    returns grad · d score_mod / d score and, when ACCUMULATE_CAPS, atomically adds
+    grad · d score_mod / d captured[i] into SM_GRAD{i} for every captured tensor with grad_caps[i]."""
+    gm = _trace(fn, "score_mod", torch.float32, device)
+    caps = list(fwd.tensors)
+
+    def joint(score, b, h, q_idx, kv_idx, grad, *leaves):
+        out = _WithCaptured(gm, list(zip(caps, leaves))).run(score, b, h, q_idx, kv_idx)
+        wrt = [score] + [l for l, need in zip(leaves, grad_caps) if need]
+        got = list(torch.autograd.grad(out, wrt, grad, allow_unused=True))
+        res, it = [got[0]], iter(got[1:])
+        res += [next(it) if need else None for need in grad_caps]
+        return tuple(res)
+
+    idx = [torch.zeros((), dtype=torch.int32, device=device) for _ in range(4)]
+    leaves = [c.detach().requires_grad_(need) for c, need in zip(caps, grad_caps)]
+    score = torch.zeros((), device=device, requires_grad=True)
+    try:
+        with torch.enable_grad():
+            jg = make_fx(joint, tracing_mode="real")(score, *idx, torch.ones((), device=device), *leaves)
+    except Exception as e:  # noqa: BLE001
+        raise FlexModError(f"score_mod '{mod_name(fn)}': its gradient could not be traced ({e})") from e
+    jg.graph.eliminate_dead_code()
+    jg.recompile()
+    p = _Printer(jg, "score_mod", fn, "SM_CAP", fast_tanh)
+    for c in caps:
+        p.captured(c)
+    ptrs = {i: f"SM_GRAD{i}" for i, need in enumerate(grad_caps) if need}
+    body, atomics = p.run_joint(ptrs)
+    params = ", ".join(["score", "b", "h", "q_idx", "kv_idx", "grad"] + p.params + list(ptrs.values())
+                       + ["ACCUMULATE_CAPS: tl.constexpr"])
+    acc = ""
+    if atomics:
+        acc = "\n    if ACCUMULATE_CAPS:\n" + "\n".join("        " + l for l in atomics)
+    source = (f"@triton.jit\ndef score_mod_bwd({params}):\n    # d/d score and d/d captured of {mod_name(fn)}\n"
+              f"{body}{acc}\n    return d_score\n")
+    if len(p.tensors) != len(caps):
+        raise p.fail("a captured tensor that only its gradient reads")
+    return PrintedMod("score_mod_bwd", source, caps, p.params + list(ptrs.values()), p.used_fast_tanh)
 
 
 _IDENTITY: Dict[str, PrintedMod] = {}

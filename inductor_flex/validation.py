@@ -22,6 +22,11 @@ KNOWN_KERNEL_OPTIONS = {
     "FAST_TANH": bool,
     "DETERMINISTIC": bool,
     "SPLIT_KV": int,
+    # backward tiles: (BLOCK_M1, BLOCK_N1) of the dK/dV kernel, (BLOCK_M2, BLOCK_N2) of the dQ kernel
+    "BLOCK_M1": int,
+    "BLOCK_N1": int,
+    "BLOCK_M2": int,
+    "BLOCK_N2": int,
 }
 
 
@@ -44,7 +49,7 @@ def validate_kernel_options(kernel_options: Optional[Dict[str, Any]]) -> Dict[st
     opts.setdefault("BACKEND", "AUTO")
     if opts["BACKEND"] not in BACKENDS:
         raise ValueError(f"kernel_options['BACKEND'] must be one of {BACKENDS}, got {opts['BACKEND']!r}")
-    for k in ("BLOCK_M", "BLOCK_N"):
+    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
         if k in opts and (opts[k] < 16 or opts[k] & (opts[k] - 1)):
             raise ValueError(f"kernel_options[{k!r}] must be a power of two >= 16, got {opts[k]}")
     return opts

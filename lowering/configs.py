@@ -76,6 +76,44 @@ def forward_configs(qk_head: int, v_head: int, dtype: torch.dtype, sparse_block:
     return out
 
 
+# Backward: (BLOCK_M, BLOCK_N) is the (query, kv) tile of each kernel. dK/dV keeps a kv tile of K, V,
+# dK, dV resident and streams query tiles; dQ keeps a query tile of Q, dO, dQ and streams kv tiles.
+_DKDV_CANDIDATES = {
+    64: [Config(64, 128, 8, 3), Config(32, 128, 4, 3), Config(64, 64, 4, 3), Config(32, 64, 4, 3)],
+    128: [Config(64, 128, 8, 2), Config(64, 128, 8, 3), Config(32, 128, 8, 3), Config(64, 64, 4, 3),
+          Config(32, 64, 4, 2)],
+    256: [Config(32, 64, 4, 1), Config(16, 64, 4, 1), Config(32, 32, 4, 1)],
+}
+_DQ_CANDIDATES = {
+    64: [Config(128, 64, 8, 3), Config(128, 32, 4, 3), Config(64, 64, 4, 3)],
+    128: [Config(128, 64, 8, 2), Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(128, 32, 4, 3),
+          Config(64, 32, 4, 2)],
+    256: [Config(64, 32, 4, 1), Config(64, 16, 4, 1), Config(32, 32, 4, 1)],
+}
+
+
+def backward_configs(kind: str, qk_head: int, v_head: int, dtype: torch.dtype, sparse_block: Tuple[int, int],
+                     interpret: bool = False) -> List[Config]:
+    """Candidates for the 'dkdv' or 'dq' backward kernel, best guess first."""
+    q_bs, kv_bs = sparse_block
+    if interpret:
+        return [Config(min(16, q_bs), min(16, kv_bs), 1, 1)]
+    pad = max(head_pad(qk_head), head_pad(v_head))
+    key = 64 if pad <= 64 else (128 if pad <= 128 else 256)
+    table = _DKDV_CANDIDATES if kind == "dkdv" else _DQ_CANDIDATES
+    out = []
+    for cfg in table[key]:
+        bm, bn = min(cfg.BLOCK_M, q_bs), min(cfg.BLOCK_N, kv_bs)
+        if dtype == torch.float32:
+            bm, bn = max(16, bm // 2), max(16, bn // 2)
+        if q_bs % bm or kv_bs % bn:
+            continue
+        c = Config(bm, bn, cfg.num_warps, min(cfg.num_stages, 2) if dtype == torch.float32 else cfg.num_stages)
+        if c not in out:
+            out.append(c)
+    return out or [Config(min(16, q_bs), min(16, kv_bs), 4, 1)]
+
+
 def user_config(opts: dict, default: Config) -> Optional[Config]:
     """A config pinned through kernel_options, or None to autotune."""
     keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")

@@ -93,3 +93,58 @@ def make_inputs(shape, dtype, device, requires_grad=False):
         for t in (q, k, v):
             t.requires_grad_(True)
     return q, k, v
+
+
+# ---- score_mods with learnable captured tensors (factory(*tensors) -> score_mod, tensor maker) ----
+LEARNABLE_LEN = 50
+L = LEARNABLE_LEN
+
+
+def rel_bias(table):
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + L - 1]
+    return mod
+
+
+def alibi_param(slopes):
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+    return mod
+
+
+def head_scale(scales):
+    def mod(score, b, h, q_idx, kv_idx):
+        return score * scales[h]
+    return mod
+
+
+def two_reads_repeated(table):
+    # two reads of one tensor, and indices that repeat many times within a tile
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + table[(q_idx * kv_idx) % 7] - 0.5 * table[kv_idx % 5] * score
+    return mod
+
+
+def temperature_softcap(temp):
+    # a 0-d parameter read directly (its gradient is a sum over every score)
+    def mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / temp) * temp
+    return mod
+
+
+def bias_and_mask_tensor(bias):
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b, h, q_idx, kv_idx]
+    return mod
+
+
+LEARNABLE = {
+    "relative_bias_table": (rel_bias, lambda H: [torch.randn(H, 2 * L - 1)]),
+    "alibi_slopes": (alibi_param, lambda H: [torch.rand(H) * 0.2]),
+    "head_scale": (head_scale, lambda H: [torch.rand(H) + 0.5]),
+    "two_reads_repeated": (two_reads_repeated, lambda H: [torch.randn(7)]),
+    "temperature_softcap": (temperature_softcap, lambda H: [torch.tensor(3.0)]),
+    "full_bias": (bias_and_mask_tensor, lambda H: [torch.randn(2, H, L, L)]),
+}
+
+

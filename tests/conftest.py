@@ -30,15 +30,25 @@ def reference_same_dtype(q, k, v, score_mod=None, block_mask=None, scale=None):
 
 
 def assert_close_to_reference(actual, ref64, ref_lowp, dtype, name="out"):
-    """DEVELOPERS.md criterion: error vs float64 <= 1.1x (fp16/bf16) or 10x (fp32) the error of a
-    same-dtype math reference, plus a tiny absolute floor for exact-zero reference errors."""
+    """DEVELOPERS.md criterion, as PyTorch's flex tests apply it: the mean absolute error vs float64
+    is <= 1.1x (fp16/bf16) or 10x (fp32) that of a same-dtype math reference (plus a tiny floor
+    for exact-zero reference errors). The worst element must also stay within 3x (10x for fp32)
+    of the reference's worst, so an error confined to a few rows cannot hide in the mean."""
     factor = 10.0 if dtype == torch.float32 else 1.1
+    max_factor = 10.0 if dtype == torch.float32 else 3.0
     finite = torch.isfinite(ref64)
     assert torch.equal(torch.isfinite(actual.double()), finite), f"{name}: inf/NaN pattern differs from the reference"
-    err = (actual.double() - ref64)[finite].abs().max().item() if finite.any() else 0.0
-    ref_err = (ref_lowp.double() - ref64)[finite].abs().max().item() if finite.any() else 0.0
+    if not finite.any():
+        return 0.0, 0.0
+    diff = (actual.double() - ref64)[finite].abs()
+    ref_diff = (ref_lowp.double() - ref64)[finite].abs()
     floor = 1e-6 if dtype == torch.float32 else 1e-5
-    assert err <= factor * ref_err + floor, f"{name}: error {err:.3e} > {factor} x reference error {ref_err:.3e} (+{floor})"
+    err, ref_err = diff.mean().item(), ref_diff.mean().item()
+    assert err <= factor * ref_err + floor, (
+        f"{name}: mean error {err:.3e} > {factor} x reference mean error {ref_err:.3e} (+{floor})")
+    worst, ref_worst = diff.max().item(), ref_diff.max().item()
+    assert worst <= max_factor * ref_worst + floor, (
+        f"{name}: max error {worst:.3e} > {max_factor} x reference max error {ref_worst:.3e} (+{floor})")
     return err, ref_err
 
 

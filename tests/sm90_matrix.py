@@ -1,7 +1,9 @@
-"""Cross-compile every forward specialization the interpreter tests launch for sm_90 (no GPU).
+"""Cross-compile every kernel specialization the interpreter tests launch for sm_90 (no GPU):
+forward, backward (preprocess, dK/dV, dQ; with captured-tensor gradients) and decode (split + merge).
 
-Run as a script in a process without TRITON_INTERPRET (test_sm90_compile.py does that). Prints one
-line per specialization and exits non-zero if any fails.
+Run as a script in a process without TRITON_INTERPRET (test_sm90_compile.py does that, one kind
+per run: SM90_ONLY=forward|backward|decode). Prints one line per specialization and exits non-zero
+if any fails.
 """
 import os
 import sys
@@ -16,7 +18,7 @@ import torch  # noqa: E402
 from cases import SHAPES, VARIANTS, make_inputs, make_variant  # noqa: E402
 from inductor_flex import kernel as K  # noqa: E402
 from inductor_flex import aot  # noqa: E402
-from inductor_flex.lowering.configs import forward_configs  # noqa: E402
+from inductor_flex.lowering.configs import backward_configs, forward_configs  # noqa: E402
 
 
 def specializations():
@@ -45,20 +47,138 @@ def compile_one(job):
     grid, args, consts = K.forward_launch(plan, q, k, v, out, lse, lse, cfg)
     module = K.load_module(plan.source, False)
     t = time.time()
-    try:
-        c = aot.compile_launch(module, "flex_fwd_kernel", args, consts, cfg.num_warps, cfg.num_stages)
-        ok = "cubin" in c.asm and len(c.asm["cubin"]) > 0
-        msg = f"smem={c.metadata.shared}"
-    except Exception as e:  # noqa: BLE001
-        ok, msg = False, f"{type(e).__name__}: {str(e)[:400]}"
+    ok, msg = compile_launches(module, [("flex_fwd_kernel", args, consts, cfg.num_warps, cfg.num_stages)])
     return ok, f"{variant}-{shape_name}-{str(dtype)[6:]}-{which} {cfg} {time.time() - t:.1f}s {msg}"
 
 
+def compile_launches(module, launches):
+    """Compile each (kernel name, args, constexprs, warps, stages) for sm_90 -> (all ok, message)."""
+    msgs, ok = [], True
+    for name, args, consts, warps, stages in launches:
+        try:
+            c = aot.compile_launch(module, name, args, consts, warps, stages)
+            ok = ok and "cubin" in c.asm and len(c.asm["cubin"]) > 0
+            msgs.append(f"{name}({warps}w{stages}s) smem={c.metadata.shared}")
+        except Exception as e:  # noqa: BLE001
+            ok = False
+            msgs.append(f"{name} {type(e).__name__}: {str(e)[:400]}")
+    return ok, " ".join(msgs)
+
+
+# ---- backward kernels (templates/flex_backward.py.jinja) ------------------------------------------
+LEARNABLE_VARIANTS = ["relative_bias_table", "alibi_slopes", "two_reads_repeated", "temperature_softcap"]
+
+
+def backward_specializations():
+    for variant in VARIANTS + LEARNABLE_VARIANTS:
+        yield "backward", variant, "gqa4x2_E64_Ev32", torch.float16, "interp"
+        yield "backward", variant, "E128_Lq33_Lkv65", torch.bfloat16, "gpu"
+    yield "backward", "noop", "odd37_E40", torch.float32, "gpu"
+
+
+def compile_backward(job):
+    from cases import LEARNABLE
+    from inductor_flex.backward import BackwardCall, BackwardPlan
+
+    _, variant, shape_name, dtype, which = job
+    torch.manual_seed(0)
+    B, Hq, Hkv, Lq, Lkv, E, Ev = SHAPES[shape_name]
+    q, k, v = make_inputs(SHAPES[shape_name], dtype, "cpu")
+    caps = []
+    if variant in LEARNABLE:
+        factory, make = LEARNABLE[variant]
+        caps = [c.requires_grad_() for c in make(Hq)]
+        score_mod, block_mask = factory(*caps), None
+    else:
+        score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
+    plan = K.ForwardPlan(q, k, v, score_mod, block_mask, None, {})
+    grad_caps = tuple(any(t is c for c in caps) for t in plan.score.tensors) if plan.has_score_mod else ()
+    bplan = BackwardPlan(plan, score_mod, grad_caps, {})
+    out = torch.empty(B, Hq, Lq, Ev, dtype=dtype)
+    lse = torch.empty(B, Hq, Lq)
+    call = BackwardCall(bplan, q, k, v, out, lse, torch.empty_like(out), torch.empty_like(lse))
+    bs = plan.block_mask.BLOCK_SIZE
+    dkdv_cfg = backward_configs("dkdv", E, Ev, dtype, bs, interpret=(which == "interp"))[0]
+    dq_cfg = backward_configs("dq", E, Ev, dtype, bs, interpret=(which == "interp"))[0]
+    launches = [call.preprocess(), call.dkdv(dkdv_cfg), call.dq_launch(dq_cfg, any(grad_caps))]
+    t = time.time()
+    ok, msg = compile_launches(K.load_module(bplan.source, False),
+                               [(x.kernel, x.args, x.constexprs, x.num_warps, x.num_stages) for x in launches])
+    return ok, (f"backward-{variant}-{shape_name}-{str(dtype)[6:]}-{which} dkdv={tuple(dkdv_cfg)} "
+                f"dq={tuple(dq_cfg)} {time.time() - t:.1f}s {msg}")
+
+
+# ---- decode kernels (templates/flex_decode.py.jinja): split + merge, GQA packing -------------------
+# (B, Hq, Hkv, Lq, Lkv, E, Ev, split)
+DECODE_SHAPES = {
+    "gqa4_Lq1_S157": (2, 16, 4, 1, 157, 64, 128, 3),
+    "gqa8_Lq16_S157": (2, 16, 2, 16, 157, 64, 128, 2),
+    "gqa1_Lq3_E40_Ev24": (1, 8, 8, 3, 203, 40, 24, 1),
+    "bench_S8192_D128": (8, 32, 8, 1, 8192, 128, 128, 4),
+}
+DECODE_VARIANTS = ["noop", "causal", "document", "alibi", "softcap", "relative_bias", "ops_soup", "empty_rows"]
+
+
+def decode_specializations():
+    for variant in DECODE_VARIANTS:
+        for shape_name in DECODE_SHAPES:
+            for dtype in (torch.float16, torch.bfloat16):
+                yield "decode", variant, shape_name, dtype
+
+
+def compile_decode(job):
+    from inductor_flex import decode as D
+    from inductor_flex.lowering.decode_configs import decode_configs
+
+    _, variant, shape_name, dtype = job
+    torch.manual_seed(0)
+    B, Hq, Hkv, Lq, Lkv, E, Ev, split = DECODE_SHAPES[shape_name]
+    q, k, v = make_inputs((B, Hq, Hkv, Lq, Lkv, E, Ev), dtype, "cpu")
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu", block=128)
+    opts = {"BACKEND": "TRITON_DECODE"}
+    plan = D.get_plan(q, k, v, score_mod, block_mask, opts)
+    bm = block_mask if block_mask is not None else K._default_block_mask(Lq, Lkv, q.device)
+    cfg = decode_configs(E, Ev, dtype, bm.BLOCK_SIZE[1], q.device, interpret=False)[0]
+    module = K.load_module(plan.source, False)
+    out, lse, mx, part = D._buffers(q, v, split)
+    launches = []
+
+    class Recorder:
+        """Stands in for the module: records the (kernel, args, constexprs) of each launch."""
+
+        def __getattr__(self, name):
+            class Launch:
+                def __getitem__(self, grid):
+                    def call(*args, num_warps=4, num_stages=1, **consts):
+                        launches.append((name, args, consts, num_warps, num_stages))
+                    return call
+            return Launch()
+
+    D._launch(plan, Recorder(), q, k, v, bm, 1.0 / E ** 0.5, cfg, split, out, lse, mx, part)
+    t = time.time()
+    ok, msg = compile_launches(module, launches)
+    return ok, f"decode-{variant}-{shape_name}-{str(dtype)[6:]} {cfg} split={split} {time.time() - t:.1f}s {msg}"
+
+
+KINDS = {"forward": specializations, "backward": backward_specializations, "decode": decode_specializations}
+
+
+def compile_job(job):
+    if job[0] == "decode":
+        return compile_decode(job)
+    if job[0] == "backward":
+        return compile_backward(job)
+    return compile_one(job)
+
+
 def main():
-    jobs = list(specializations())
+    only = os.environ.get("SM90_ONLY")
+    if only is not None and only not in KINDS:
+        sys.exit(f"SM90_ONLY must be one of {sorted(KINDS)}, got {only!r}")
+    jobs = [j for kind, gen in KINDS.items() if only in (None, kind) for j in gen()]
     failures = 0
     with ProcessPoolExecutor(max_workers=int(os.environ.get("SM90_WORKERS", "2"))) as pool:
-        for ok, line in pool.map(compile_one, jobs):
+        for ok, line in pool.map(compile_job, jobs):
             print(("ok   " if ok else "FAIL ") + line, flush=True)
             failures += not ok
     print(f"{len(jobs) - failures}/{len(jobs)} specializations compiled for sm_90")

@@ -97,3 +97,23 @@ def test_cached_print_sees_replaced_captured_tensor():
     out = flex_attention(q, k, v, score_mod=mod, kernel_options=TRITON)
     ref, _, _ = math_attention(q.double(), k.double(), v.double(), mod)
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_rebinding_a_captured_tensor_is_seen_without_rerunning_the_print():
+    # the cached print is reused only while the closure still holds the same tensor objects
+    q, k, v = make_inputs((1, 2, 2, 33, 33, 16, 16), torch.float32, "cpu")
+    bias = torch.zeros(2)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + bias[h] * (kv_idx == 0)
+
+    first = flex_attention(q, k, v, score_mod=mod, kernel_options=TRITON)
+    bias = torch.full((2,), 50.0)  # rebinds the closure cell
+    second = flex_attention(q, k, v, score_mod=mod, kernel_options=TRITON)
+    ref, _, _ = math_attention(q.double(), k.double(), v.double(), mod)
+    assert (second.double() - ref).abs().max() < 1e-5
+    assert (first - second).abs().max() > 1e-2
+    bias.fill_(-50.0)  # in place: same object, the kernel reads the new values
+    third = flex_attention(q, k, v, score_mod=mod, kernel_options=TRITON)
+    ref, _, _ = math_attention(q.double(), k.double(), v.double(), mod)
+    assert (third.double() - ref).abs().max() < 1e-5

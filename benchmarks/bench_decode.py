@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Decode benchmark: one query token per sequence against a long KV cache (bf16, GQA).
+
+Shape (the issue's): B=8, Hq=32, Hkv=8, D=128, Lq=1, S_kv in 1024, 8192, 32768, 65536.
+Metric: K+V bytes read per second = 2 * B * Hkv * S_kv * D * 2 bytes / time (higher is better).
+
+Peers
+  ours_eager        inductor_flex.flex_attention (AUTO picks the decode kernel), called from Python
+  ours_graph        the same call captured in a CUDA graph: kernel time without Python overhead
+  ours_paged_eager  over a PagedKVCache pool with shuffled pages (converted BlockMask)
+  ours_paged_graph  the same, CUDA graph
+  torch_flex        torch.compile(torch.nn.attention.flex_attention) - a comparison only
+  sdpa              F.scaled_dot_product_attention(enable_gqa=True)
+
+Every failure is recorded as "error: ..." and the run goes on; results are rewritten after each S.
+
+    python benchmarks/bench_decode.py --out benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from inductor_flex import create_block_mask, flex_attention  # noqa: E402
+from inductor_flex import decode as D  # noqa: E402
+from inductor_flex.paged import PagedKVCache  # noqa: E402
+
+PEERS = ("ours_eager", "ours_graph", "ours_paged_eager", "ours_paged_graph", "torch_flex", "sdpa")
+
+
+def bench_ms(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=200)
+
+
+def graph_of(fn):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def host_us(fn, n=50) -> float:
+    """Python time per call (no sync): what an eager decode step costs the CPU."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def run_shape(S, B, Hq, Hkv, Dh, page_size, torch_flex_ok):
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(B, Hq, 1, Dh, dtype=dt, device=dev)
+    k = torch.randn(B, Hkv, S, Dh, dtype=dt, device=dev)
+    v = torch.randn(B, Hkv, S, Dh, dtype=dt, device=dev)
+    nbytes = 2 * B * Hkv * S * Dh * 2
+    res = {"S": S, "bytes": nbytes}
+    fns = {}
+
+    def ours():
+        return flex_attention(q, k, v, enable_gqa=True)
+
+    fns["ours_eager"] = ours
+    fns["ours_graph"] = lambda: graph_of(ours)
+
+    # paged pool with shuffled pages: the same K/V, scattered
+    n_pages = B * (S // page_size)
+    cache = PagedKVCache(n_pages, page_size, B, device=dev)
+    g = torch.Generator().manual_seed(0)
+    cache.free_pages = [cache.free_pages[i] for i in torch.randperm(n_pages, generator=g).tolist()]
+    for b in range(B):
+        cache.reserve(b, S)
+    k_pool = torch.empty(1, Hkv, cache.capacity, Dh, dtype=dt, device=dev)
+    v_pool = torch.empty_like(k_pool)
+    idx = torch.arange(B, device=dev)
+    cache.assign(idx, torch.arange(S, device=dev)[None].expand(B, S), k, v, k_pool, v_pool)
+    logical = create_block_mask(None, None, None, 1, S, device=dev, BLOCK_SIZE=128)
+    phys = cache.convert_logical_block_mask(logical, idx)
+    kp, vp = k_pool.expand(B, -1, -1, -1), v_pool.expand(B, -1, -1, -1)
+
+    def paged():
+        return flex_attention(q, kp, vp, block_mask=phys, enable_gqa=True)
+
+    fns["ours_paged_eager"] = paged
+    fns["ours_paged_graph"] = lambda: graph_of(paged)
+
+    if torch_flex_ok:
+        def torch_flex_fn():
+            from torch.nn.attention.flex_attention import flex_attention as tfa
+
+            compiled = torch.compile(tfa)
+            return lambda: compiled(q, k, v, enable_gqa=True)
+        fns["torch_flex"] = lambda: torch_flex_fn()
+    fns["sdpa"] = lambda: (lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    for peer in PEERS:
+        if peer not in fns:
+            res[peer] = "skipped"
+            continue
+        try:
+            fn = fns[peer]
+            if peer in ("ours_eager", "ours_paged_eager"):
+                call = fn
+            else:
+                call = fn()
+            out = call()
+            if peer.endswith("graph"):
+                out = None
+            torch.cuda.synchronize()
+            if out is not None:
+                err = (out.float() - ref).abs().max().item()
+                if err > 2e-2:
+                    raise AssertionError(f"max error {err:.3e} vs fp32 SDPA")
+            ms = bench_ms(call)
+            entry = {"ms": ms, "TB/s": nbytes / (ms * 1e-3) / 1e12}
+            if peer in ("ours_eager", "ours_paged_eager"):
+                entry["host_us_per_call"] = host_us(call)
+            res[peer] = entry
+        except Exception as e:  # noqa: BLE001
+            res[peer] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+    # the plans of this S: key shape (B, Hkv, S) contiguous, (B, Hkv, B * S) for the page pool
+    res["decode_configs"] = {
+        ("paged" if key[3][2] == B * S else "contiguous"): f"{p.config} split={p.split} heads={p.heads}"
+        for key, p in D._plans.items() if p.config is not None and key[3][2] in (S, B * S)}
+    return res
+
+
+def to_markdown(meta, rows) -> str:
+    lines = [f"# Decode benchmark ({meta['device']}, torch {meta['torch']}, triton {meta['triton']})", "",
+             f"B={meta['B']}, Hq={meta['Hq']}, Hkv={meta['Hkv']}, D={meta['D']}, Lq=1, bf16; "
+             "K+V TB/s (ms); eager rows also give the host time per call.", "",
+             "| S_kv | " + " | ".join(PEERS) + " |", "|---|" + "---|" * len(PEERS)]
+    for r in rows:
+        cells = []
+        for p in PEERS:
+            e = r.get(p)
+            if isinstance(e, dict):
+                c = f"{e['TB/s']:.2f} ({e['ms']:.3f})"
+                if "host_us_per_call" in e:
+                    c += f" host {e['host_us_per_call']:.0f}us"
+                cells.append(c)
+            else:
+                cells.append(str(e)[:40])
+        lines.append(f"| {r['S']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for r in rows:
+        lines.append(f"- S={r['S']} decode plans: {r.get('decode_configs')}")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results", help="directory or .json path")
+    ap.add_argument("--seqs", default="8192,65536,1024,32768")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--hq", type=int, default=32)
+    ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--page-size", type=int, default=128)
+    ap.add_argument("--no-torch-flex", action="store_true")
+    ap.add_argument("--max-seconds", type=float, default=240, help="skip torch_flex compiles past this")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode.py needs a CUDA GPU")
+    import triton
+
+    out = args.out
+    if not out.endswith(".json"):
+        os.makedirs(out, exist_ok=True)
+        out = os.path.join(out, f"decode_{_dt.date.today().isoformat()}.json")
+    else:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "B": args.batch, "Hq": args.hq, "Hkv": args.hkv, "D": args.dim, "page_size": args.page_size}
+    rows = []
+    t0 = time.time()
+    for S in [int(s) for s in args.seqs.split(",")]:
+        ok = not args.no_torch_flex and time.time() - t0 < args.max_seconds
+        r = run_shape(S, args.batch, args.hq, args.hkv, args.dim, args.page_size, ok)
+        rows.append(r)
+        with open(out, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
+        md = to_markdown(meta, rows)
+        with open(out[:-5] + ".md", "w") as f:
+            f.write(md)
+        print(md, flush=True)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

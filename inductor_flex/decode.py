@@ -1,0 +1,382 @@
+"""Eager decode path: short queries against a long KV cache (templates/flex_decode.py.jinja).
+
+A decode step is bound by reading K and V once, so the kernel packs the query heads of one GQA group
+into one tile (each K/V tile is loaded once per group, not once per query head) and splits the kv
+range of every (batch, group) into SPLIT shares, so that B * Hkv * SPLIT programs fill the GPU.
+A second small kernel merges the shares by their logsumexp.
+
+Decode steps are short (~100 us), so the per-call Python work matters: a DecodePlan (printed mods,
+rendered module, tile config, split) is cached per (mods, shapes), keyed by a fingerprint of what
+the mods close over. Closing over an ``offset`` tensor and updating it in place therefore serves
+every position with one plan and one compiled kernel.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import types
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .block_mask import BlockMask
+from .kernel import (
+    _block_mask_args, _default_block_mask, _printed_mod, interpreter_enabled, load_module, template_hooks,
+)
+
+from inductor_flex.lowering.configs import head_pad, next_pow2
+from inductor_flex.lowering.decode_configs import (
+    DecodeConfig, decode_configs, decode_split, sm_count, split_candidates,
+)
+from inductor_flex.templates import render
+
+log = logging.getLogger("inductor_flex")
+
+# AUTO / TRITON take the decode kernel up to this many query rows (the forward kernel's
+# 128-row tiles would be mostly padding below it)
+DECODE_MAX_LQ = 16
+# most rows (query heads x query positions) one program keeps in registers
+MAX_ROWS = 128
+
+_plans: Dict[tuple, "DecodePlan"] = {}
+_interpret: list = []
+_rendered: Dict[tuple, tuple] = {}
+_tuned: Dict[tuple, Tuple[DecodeConfig, int]] = {}
+# counters the tests read to prove that a new decode position reuses the plan and the module
+stats = {"plans": 0, "plan_hits": 0, "renders": 0}
+
+
+# ---- plan cache key: what a mod reads, without running it --------------------------------------
+def _fingerprint(obj, depth: int = 0):
+    """Hashable summary of a mod: the function, its closure values (tensors by identity, scalars by
+    value, nested mods recursively) and the globals / attributes its code names."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", id(obj))
+    if depth > 4:
+        return ("obj", id(obj))
+    if isinstance(obj, functools.partial):
+        return ("partial", _fingerprint(obj.func, depth + 1),
+                tuple(_fingerprint(a, depth + 1) for a in obj.args),
+                tuple((k, _fingerprint(v, depth + 1)) for k, v in sorted(obj.keywords.items())))
+    code = getattr(obj, "__code__", None)
+    if code is None:
+        return ("obj", id(obj))
+    parts: list = [obj]
+    for cell in getattr(obj, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            parts.append(("empty",))
+            continue
+        parts.append(_fingerprint(value, depth + 1))
+        if not isinstance(value, (torch.Tensor, types.FunctionType, bool, int, float, str)):
+            parts.append(_attributes(value, code.co_names))
+    glb = getattr(obj, "__globals__", {})
+    for name in code.co_names:
+        if name in glb:
+            value = glb[name]
+            parts.append(_fingerprint(value, depth + 1) if isinstance(value, types.FunctionType)
+                         else (name, id(value)))
+            if not isinstance(value, types.ModuleType):
+                # e.g. Holder.bias replaced by a new tensor
+                parts.append(_attributes(value, code.co_names))
+    return tuple(parts)
+
+
+def _attributes(obj, names) -> tuple:
+    return tuple(id(getattr(obj, n, None)) for n in names)
+
+
+# ---- support --------------------------------------------------------------------------------------
+def decode_supports(query, key, value, block_mask: Optional[BlockMask]) -> Optional[str]:
+    """None if the decode kernel handles this call, else the reason it cannot."""
+    for name, d in (("query/key head dim", query.shape[-1]), ("value head dim", value.shape[-1])):
+        if d > 256:
+            return f"{name} {d} > 256"
+    Lq = query.shape[2]
+    q_bs = block_mask.BLOCK_SIZE[0] if block_mask is not None else 128
+    if block_mask is not None and block_mask.BLOCK_SIZE[1] % 16:
+        return f"BlockMask kv BLOCK_SIZE {block_mask.BLOCK_SIZE[1]} is not a multiple of 16"
+    if Lq > q_bs:
+        return f"query length {Lq} spans more than one BlockMask q block ({q_bs})"
+    if Lq > MAX_ROWS:
+        return f"query length {Lq} > {MAX_ROWS}"
+    return None
+
+
+def _heads_per_program(group: int, Lq: int, mask_heads: int) -> int:
+    """Query heads packed in one program: the whole GQA group when the BlockMask is shared by all
+    heads (one row of kv blocks serves the tile), as many as fit in MAX_ROWS rows."""
+    if mask_heads != 1:
+        return 1
+    best = 1
+    for d in range(1, group + 1):
+        if group % d == 0 and d * Lq <= MAX_ROWS:
+            best = d
+    return best
+
+
+class DecodePlan:
+    """Everything a decode launch needs that does not change from one step to the next."""
+
+    def __init__(self, query, key, value, score_mod, mask_mod, block_size, mask_heads, opts):
+        self.device = query.device
+        self.interpret = interpreter_enabled()
+        if query.dtype == torch.float64:
+            raise TypeError("the Triton decode kernel supports float16, bfloat16 and float32 inputs; "
+                            "use BACKEND 'MATH' for float64")
+        if self.device.type not in ("cuda", "cpu"):
+            raise ValueError(
+                f"the Triton kernel runs on CUDA tensors (or CPU under the interpreter), got {self.device}")
+        self.fast_tanh = bool(opts.get("FAST_TANH", False)) and not self.interpret
+        self.score = _printed_mod(score_mod, "score_mod", self.device, self.fast_tanh)
+        self.mask = _printed_mod(mask_mod, "mask_mod", self.device, False)
+        self.has_score_mod = score_mod is not None
+        self.source = self._render()
+        B, Hq, Lq, E = query.shape
+        Hkv, Lkv, Ev = key.shape[1], key.shape[2], value.shape[-1]
+        self.group = Hq // Hkv
+        self.heads = _heads_per_program(self.group, Lq, mask_heads)
+        self.block_m = max(16, next_pow2(self.heads * Lq))
+        self.sparse_kv = block_size[1]
+        self.candidates = decode_configs(E, Ev, query.dtype, self.sparse_kv, self.device, self.interpret)
+        self.pinned = _pinned_config(opts, self.candidates[0], self.sparse_kv)
+        self.pinned_split = opts.get("SPLIT_KV")
+        self.programs = B * Hq // self.heads
+        self.sms = sm_count(self.device) if self.device.type == "cuda" else 132
+        self.constexprs = dict(
+            HAS_SCORE_MOD=self.has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
+            HEADS=self.heads, BLOCK_M=self.block_m, SPARSE_KV=self.sparse_kv, EVEN_N=Lkv % self.sparse_kv == 0,
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        )
+        self.module = None
+        self.config: Optional[DecodeConfig] = None
+        self.split: Optional[int] = None
+        self.kv_blocks: Optional[int] = None
+        self.mask_args = None
+
+    def _render(self) -> str:
+        sm, mm = self.score, self.mask
+        hit = _rendered.get((id(sm), id(mm)))
+        if hit is not None and hit[0] is sm and hit[1] is mm:
+            return hit[2]
+        stats["renders"] += 1
+        source = render("flex_decode.py.jinja", **template_hooks(sm, mm))
+        if len(_rendered) > 256:
+            _rendered.clear()
+        _rendered[(id(sm), id(mm))] = (sm, mm, source)
+        return source
+
+    def default_split(self, kv_blocks: int, cfg: DecodeConfig) -> int:
+        tiles = kv_blocks * (self.sparse_kv // cfg.BLOCK_N)
+        if self.pinned_split is not None:
+            return max(1, min(self.pinned_split, tiles))
+        return decode_split(self.programs, tiles, self.sms)
+
+
+def _pinned_config(opts, default: DecodeConfig, kv_block: int) -> Optional[DecodeConfig]:
+    if not any(k in opts for k in ("BLOCK_N", "num_warps", "num_stages")):
+        return None
+    cfg = DecodeConfig(opts.get("BLOCK_N", default.BLOCK_N), opts.get("num_warps", default.num_warps),
+                       opts.get("num_stages", default.num_stages))
+    if kv_block % cfg.BLOCK_N:
+        raise ValueError(f"kernel_options BLOCK_N={cfg.BLOCK_N} must divide the BlockMask's kv block size {kv_block}")
+    return cfg
+
+
+def _interpreting() -> bool:
+    # fixed for the process: @triton.jit picks the interpreter when the module is imported
+    if not _interpret:
+        _interpret.append(interpreter_enabled())
+    return _interpret[0]
+
+
+def get_plan(query, key, value, score_mod, block_mask: Optional[BlockMask], opts) -> DecodePlan:
+    mask_mod = block_mask.mask_mod if block_mask is not None else None
+    block_size = block_mask.BLOCK_SIZE if block_mask is not None else (128, 128)
+    mask_heads = block_mask.kv_num_blocks.shape[1] if block_mask is not None else 1
+    k = (
+        _fingerprint(score_mod), _fingerprint(mask_mod), tuple(query.shape), tuple(key.shape),
+        tuple(value.shape), query.dtype, query.device, block_size, mask_heads, _interpreting(),
+        tuple(sorted(opts.items())),
+    )
+    plan = _plans.get(k)
+    if plan is not None:
+        stats["plan_hits"] += 1
+        return plan
+    plan = DecodePlan(query, key, value, score_mod, mask_mod, block_size, mask_heads, opts)
+    stats["plans"] += 1
+    if len(_plans) > 256:
+        _plans.clear()
+    _plans[k] = plan
+    return plan
+
+
+# ---- launching ------------------------------------------------------------------------------------
+def _mask_args(plan: DecodePlan, bm: BlockMask, B: int, Hq: int):
+    # a decode loop (or a benchmark) passes the same BlockMask again and again: keep its launch views
+    tensors = (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)
+    hit = plan.mask_args
+    if hit is not None and hit[0] is bm and hit[1] == (B, Hq) and all(a is b for a, b in zip(hit[2], tensors)):
+        return hit[3]
+    args = _block_mask_args(bm, B, Hq)
+    plan.mask_args = (bm, (B, Hq), tensors, args)
+    return args
+
+
+def _launch(plan: DecodePlan, module, query, key, value, bm: BlockMask, scale: float, cfg: DecodeConfig,
+            split: int, out, lse, mx, part):
+    B, Hq, Lq, E = query.shape
+    Hkv, Lkv, Ev = key.shape[1], key.shape[2], value.shape[-1]
+    kv_num, kv_idx, full_num, full_idx = _mask_args(plan, bm, B, Hq)
+    qk_scale = scale if plan.has_score_mod else scale * 1.4426950408889634
+    mod_args = plan.score.args_for(plan.score.tensors) + plan.mask.args_for(plan.mask.tensors)
+    if split == 1:
+        dst, dst_lse, dst_max = out, lse, mx
+        o_strides = (out.stride(0), out.stride(1), 0, out.stride(2), out.stride(3))
+    else:
+        dst, dst_lse, dst_max = part
+        o_strides = dst.stride()
+    grid = (split, plan.programs)
+    module.flex_decode_kernel[grid](
+        query, key, value, dst, dst_lse, dst_max, kv_num, kv_idx, full_num, full_idx,
+        *query.stride(), *key.stride(), *value.stride(), *o_strides,
+        kv_num.stride(0), kv_num.stride(1), kv_idx.stride(0), kv_idx.stride(1),
+        qk_scale, Lq, Lkv, Hq, Hq // Hkv, split,
+        *mod_args,
+        **plan.constexprs, BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        module.flex_decode_reduce[(B * Hq * Lq,)](
+            dst, dst_lse, dst_max, out, lse, mx, *out.stride(), Lq, Hq, split,
+            V_HEAD=Ev, V_PAD=head_pad(Ev), SPLIT_PAD=next_pow2(split), num_warps=4,
+        )
+
+
+def _buffers(query, value, split: int):
+    B, Hq, Lq, _ = query.shape
+    Ev = value.shape[-1]
+    out = torch.empty(B, Hq, Lq, Ev, dtype=query.dtype, device=query.device)
+    stats_ = torch.empty(2, B, Hq, Lq, dtype=torch.float32, device=query.device)
+    part = None
+    if split > 1:
+        # one allocation for the shares' outputs, lse and max
+        n = B * Hq * split * Lq
+        buf = torch.empty(n * (Ev + 2), dtype=torch.float32, device=query.device)
+        part = (buf[: n * Ev].view(B, Hq, split, Lq, Ev), buf[n * Ev: n * (Ev + 1)].view(B, Hq, split, Lq),
+                buf[n * (Ev + 1):].view(B, Hq, split, Lq))
+    return out, stats_[0], stats_[1], part
+
+
+def run_decode(plan: DecodePlan, query, key, value, block_mask: BlockMask, scale: float):
+    if query.device.type == "cpu" and not plan.interpret:
+        raise RuntimeError(
+            "the Triton decode kernel on CPU tensors runs in Triton's interpreter: set the environment "
+            "variable TRITON_INTERPRET=1 before triton is first imported (or use CUDA tensors)"
+        )
+    if plan.module is None:
+        plan.module = load_module(plan.source, plan.interpret)
+    kv_blocks = block_mask.num_blocks[1]
+    if plan.config is None or plan.kv_blocks != kv_blocks:
+        plan.config, plan.split = _pick(plan, query, key, value, block_mask, scale)
+        plan.kv_blocks = kv_blocks
+    out, lse, mx, part = _buffers(query, value, plan.split)
+    _launch(plan, plan.module, query, key, value, block_mask, scale, plan.config, plan.split, out, lse, mx, part)
+    return out, lse, mx
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pick(plan: DecodePlan, query, key, value, bm: BlockMask, scale: float) -> Tuple[DecodeConfig, int]:
+    kv_blocks = bm.num_blocks[1]
+    cfg = plan.pinned or plan.candidates[0]
+    split = plan.default_split(kv_blocks, cfg)
+    B, Hq, Lq, _ = query.shape
+    small = B * Hq * Lq * key.shape[2] < (1 << 20)
+    capturing = query.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if plan.interpret or small or capturing or (plan.pinned and plan.pinned_split):
+        return cfg, split
+    tune_key = (plan.source, str(query.dtype), tuple(query.shape), tuple(key.shape[1:2]), value.shape[-1],
+                _bucket(key.shape[2]), plan.heads, bm.BLOCK_SIZE, query.device.index,
+                plan.pinned, plan.pinned_split)
+    hit = _tuned.get(tune_key)
+    if hit is not None:
+        return hit
+    import triton.testing
+
+    module = plan.module
+    configs = [plan.pinned] if plan.pinned else plan.candidates
+    tiles = kv_blocks * (plan.sparse_kv // min(c.BLOCK_N for c in configs))
+
+    def bench(c: DecodeConfig, s: int) -> float:
+        out, lse, mx, part = _buffers(query, value, s)
+        try:
+            return triton.testing.do_bench(
+                lambda: _launch(plan, module, query, key, value, bm, scale, c, s, out, lse, mx, part),
+                warmup=5, rep=25)
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is just not chosen
+            log.info("inductor_flex: decode config %s split %d failed: %s", c, s, e)
+            return float("inf")
+
+    timings = {(c, split): bench(c, split) for c in configs}
+    best_cfg = min(timings, key=timings.get)[0]
+    splits = [plan.pinned_split] if plan.pinned_split else split_candidates(split, tiles)
+    for s in splits:
+        if (best_cfg, s) not in timings:
+            timings[(best_cfg, s)] = bench(best_cfg, s)
+    best = min(timings, key=timings.get)
+    if timings[best] == float("inf"):
+        raise RuntimeError(f"inductor_flex: no decode config could run; tried {sorted(timings)}")
+    log.info("inductor_flex: decode picked %s split=%d (%.3f ms)", best[0], best[1], timings[best])
+    _tuned[tune_key] = best
+    return best
+
+
+# ---- entry points ---------------------------------------------------------------------------------
+def decode_attention(query, key, value, score_mod: Optional[Callable], block_mask: Optional[BlockMask],
+                     scale: Optional[float], opts: dict):
+    """(out, lse, max_scores) of one decode step; inputs are assumed validated (flex_attention does)."""
+    reason = decode_supports(query, key, value, block_mask)
+    if reason is not None:
+        raise ValueError(f"BACKEND 'TRITON_DECODE' cannot run this call: {reason}")
+    bm = block_mask if block_mask is not None else _default_block_mask(query.shape[2], key.shape[2], query.device)
+    plan = get_plan(query, key, value, score_mod, block_mask, opts)
+    scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    return run_decode(plan, query, key, value, bm, scale)
+
+
+def maybe_decode(query, key, value, score_mod, block_mask, scale, opts):
+    """The decode kernel's result, or None when the forward kernel should run this call instead.
+
+    BACKEND 'TRITON_DECODE' always decodes (and raises where it cannot); AUTO / TRITON decode short
+    queries that need no gradient (the decode kernel has no backward)."""
+    forced = opts.get("BACKEND") == "TRITON_DECODE"
+    if not forced and query.shape[2] > DECODE_MAX_LQ:
+        return None
+    grad = torch.is_grad_enabled()
+    if grad and any(t.requires_grad for t in (query, key, value)):
+        if forced:
+            raise ValueError("BACKEND 'TRITON_DECODE' has no backward: run it under torch.no_grad() or use "
+                             "BACKEND 'TRITON' when gradients are needed")
+        return None
+    if not forced and decode_supports(query, key, value, block_mask) is not None:
+        return None
+    if forced:
+        reason = decode_supports(query, key, value, block_mask)
+        if reason is not None:
+            raise ValueError(f"BACKEND 'TRITON_DECODE' cannot run this call: {reason}")
+    plan = get_plan(query, key, value, score_mod, block_mask, opts)
+    if grad and any(t.requires_grad for t in plan.score.tensors + plan.mask.tensors):
+        if forced:
+            raise ValueError("BACKEND 'TRITON_DECODE' has no backward (a captured tensor requires grad): run it "
+                             "under torch.no_grad() or use BACKEND 'TRITON'")
+        return None
+    bm = block_mask if block_mask is not None else _default_block_mask(query.shape[2], key.shape[2], query.device)
+    scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    return run_decode(plan, query, key, value, bm, scale)

@@ -1,0 +1,141 @@
+"""The backward kernels (delta, dK/dV, dQ and the score_mod's joint graph), run by Triton's
+interpreter on CPU tensors, vs gradients of the float64 math path."""
+import pytest
+import torch
+
+from inductor_flex import flex_attention
+from inductor_flex.reference import math_attention
+
+from cases import LEARNABLE, LEARNABLE_LEN as L, SHAPES, VARIANTS, make_inputs, make_variant, two_reads_repeated
+from conftest import assert_close_to_reference
+
+TRITON = {"BACKEND": "TRITON"}
+
+
+def _loss(out, lse, g_out, g_lse):
+    # lse enters the loss too, so the dLSE path of the kernels is exercised; empty rows (-inf) are left out
+    return (out.double() * g_out).sum() + (torch.where(torch.isfinite(lse), lse, 0).double() * g_lse).sum()
+
+
+def grads_of(q, k, v, score_mod, block_mask, captured, kernel_options, g_out, g_lse, dtype=None, gqa=False):
+    """(dq, dk, dv, *d captured) of _loss, with inputs cast to ``dtype`` (None: kernel run)."""
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    cap = [c.detach().to(dtype or c.dtype).requires_grad_() for c in captured]
+    mod = score_mod(*cap) if callable(score_mod) and captured else score_mod
+    if kernel_options is None:
+        out, lse, _ = math_attention(*leaves, mod, block_mask)
+    else:
+        out, lse = flex_attention(*leaves, score_mod=mod, block_mask=block_mask, enable_gqa=gqa, return_lse=True,
+                                  kernel_options=kernel_options)
+    wrt = leaves + cap
+    return torch.autograd.grad(_loss(out, lse, g_out, g_lse), wrt, allow_unused=True), out
+
+
+def check_backward(shape, dtype, score_mod, block_mask, captured=(), kernel_options=TRITON, device="cpu"):
+    B, Hq, Hkv, Lq, Lkv, E, Ev = shape
+    q, k, v = make_inputs(shape, dtype, device)
+    captured = [c.to(device) for c in captured]
+    g_out = torch.randn(B, Hq, Lq, Ev, dtype=torch.float64, device=device)
+    g_lse = torch.randn(B, Hq, Lq, dtype=torch.float64, device=device)
+    got, out = grads_of(q, k, v, score_mod, block_mask, captured, kernel_options, g_out, g_lse, gqa=Hq != Hkv)
+    ref, _ = grads_of(q, k, v, score_mod, block_mask, captured, None, g_out, g_lse, dtype=torch.float64)
+    low, _ = grads_of(q, k, v, score_mod, block_mask, captured, None, g_out, g_lse)
+    names = ["dq", "dk", "dv"] + [f"d captured[{i}]" for i in range(len(captured))]
+    for name, a, r, lo in zip(names, got, ref, low):
+        assert a is not None, f"{name} missing"
+        assert a.shape == r.shape and a.dtype == lo.dtype, name
+        assert not torch.isnan(a).any(), f"{name} has NaN"
+        assert_close_to_reference(a, r, lo, dtype, name)
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_backward_matches_reference(variant, shape, dtype):
+    B, Hq, Hkv, Lq, Lkv, E, Ev = shape
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
+    got = check_backward(shape, dtype, score_mod, block_mask)
+    if variant == "empty_rows":
+        # rows that attend to nothing get zero gradient, never NaN
+        assert (got[0][:, :, :5] == 0).all()
+
+
+# ---- learnable captured tensors: their gradients are accumulated inside the dQ kernel ------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "causal"])
+@pytest.mark.parametrize("name", list(LEARNABLE))
+def test_captured_tensor_gradients(name, masked, dtype):
+    from inductor_flex import create_block_mask
+    from inductor_flex.variants import generate_causal_mask
+
+    shape = (2, 4, 2, L, L, 32, 24)
+    factory, make = LEARNABLE[name]
+    captured = make(4)
+    bm = create_block_mask(generate_causal_mask(), None, None, L, L, device="cpu", BLOCK_SIZE=32) if masked else None
+    check_backward(shape, dtype, factory, bm, captured)
+
+
+def test_deterministic_option_gives_same_captured_grads_bitwise():
+    shape = (1, 4, 4, 40, 40, 32, 32)
+    table = [torch.randn(7)]
+    opts = {"BACKEND": "TRITON", "DETERMINISTIC": True}
+    torch.manual_seed(1)
+    a = check_backward(shape, torch.float32, two_reads_repeated, None, table, opts)
+    torch.manual_seed(1)
+    b = check_backward(shape, torch.float32, two_reads_repeated, None, table, opts)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_only_requested_gradients_are_returned():
+    q, k, v = make_inputs((1, 2, 2, 33, 33, 16, 16), torch.float32, "cpu")
+    k.requires_grad_(True)
+    table = torch.randn(2, 2 * 33 - 1, requires_grad=True)
+    out = flex_attention(q, k, v, score_mod=rel_bias_33(table), kernel_options=TRITON)
+    out.sum().backward()
+    assert q.grad is None and v.grad is None and k.grad is not None and table.grad is not None
+
+
+def rel_bias_33(table):
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + 32]
+    return mod
+
+
+def test_backward_non_contiguous_inputs_and_grad():
+    # (B, L, H, E) storage viewed as (B, H, L, E), and a non-contiguous upstream gradient
+    base = [torch.randn(1, 37, 2, d, requires_grad=True) for d in (24, 24, 40)]
+    q, k, v = (t.transpose(1, 2) for t in base)
+    out = flex_attention(q, k, v, kernel_options=TRITON)
+    g = torch.randn(1, 37, 2, 40).transpose(1, 2)
+    out.backward(g)
+    ref = [t.detach().double().requires_grad_() for t in base]
+    r_out, _, _ = math_attention(*(t.transpose(1, 2) for t in ref))
+    r_out.backward(g.double())
+    for a, r in zip(base, ref):
+        assert (a.grad.double() - r.grad).abs().max() < 1e-5
+
+
+def test_grad_of_lse_only():
+    q, k, v = make_inputs((1, 2, 2, 40, 29, 32, 16), torch.float32, "cpu", requires_grad=True)
+    _, lse = flex_attention(q, k, v, return_lse=True, kernel_options=TRITON)
+    lse.sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    _, r_lse, _ = math_attention(*ref)
+    r_lse.sum().backward()
+    for a, r in zip((q, k), ref):
+        assert (a.grad.double() - r.grad).abs().max() < 1e-5
+    assert ref[2].grad is None and (v.grad == 0).all()  # lse does not depend on v
+
+
+def test_per_batch_and_head_block_mask():
+    # a BlockMask built per (b, h): the dK/dV kernel reads its q-side lists per query head
+    from inductor_flex import create_block_mask
+
+    def per_head_window(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() <= 8 * (h + 1) + 5 * b
+
+    shape = (2, 4, 2, 70, 70, 32, 32)
+    bm = create_block_mask(per_head_window, 2, 4, 70, 70, device="cpu", BLOCK_SIZE=32)
+    check_backward(shape, torch.float32, None, bm)

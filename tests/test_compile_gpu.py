@@ -1,0 +1,182 @@
+"""torch.compile on CUDA: flex_attention under Inductor (the fused forward and backward kernels as
+graph ops, or the chunked decomposition compiled to Triton by Inductor), forward and backward, vs
+the float64 reference. Run with ``-m gpu``."""
+import re
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+from inductor_flex import create_block_mask, flex_attention
+from inductor_flex.reference import math_attention
+
+from cases import SHAPES, make_inputs, make_variant
+from conftest import HAS_CUDA, assert_close_to_reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+
+VARIANTS = ["noop", "causal", "document", "alibi", "softcap", "relative_bias", "head_scale", "empty_rows"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", ["odd37_E40", "gqa4x2_E64_Ev32", "Lq50_Lkv97"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inductor_cuda_forward_backward(variant, shape, dtype):
+    dims = SHAPES[shape]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, dtype, "cuda", requires_grad=True)
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda")
+
+    def run(q, k, v):
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=Hq != Hkv,
+                              return_lse=True)
+
+    torch._dynamo.reset()
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    out, lse = torch.compile(run, backend=cnt, fullgraph=True)(q, k, v)
+    assert cnt.frame_count == 1
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref_out, ref_lse, _ = math_attention(*leaves64, score_mod, block_mask)
+    ref_grads = torch.autograd.grad(ref_out, leaves64, g.double())
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    low_out, low_lse, _ = math_attention(*leaves, score_mod, block_mask)
+    low_grads = torch.autograd.grad(low_out, leaves, g)
+    assert_close_to_reference(out, ref_out, low_out, dtype, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, dtype, "lse")
+    for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert_close_to_reference(a, r, lo, dtype, name)
+
+
+@pytest.mark.parametrize("options", [None, {"BACKEND": "MATH"}], ids=["fused_kernel_op", "decomposition"])
+def test_no_full_score_buffer_and_bounded_memory(options):
+    from torch._inductor.utils import run_and_get_code
+
+    B, H, S, E = 1, 8, 4096, 64
+    bm = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, S, S, device="cuda")
+    q, k, v = make_inputs((B, H, H, S, S, E, E), torch.bfloat16, "cuda")
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=bm, kernel_options=options),
+                      backend="inductor", fullgraph=True)
+    out, code = run_and_get_code(f, q, k, v)  # compiles (and autotunes) outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    f(q, k, v)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    full = B * H * S * S
+    sizes = [tuple(int(x) for x in s.split(",") if x.strip())
+             for s in re.findall(r"empty_strided_cuda\(\(([\d, ]*)\)", "\n".join(code))]
+    if options is None:  # the op allocates its outputs itself
+        assert "inductor_flex.flex_forward" in "\n".join(code)
+    else:  # the decomposition: chunk-sized buffers only
+        assert sizes and max(torch.Size(s).numel() for s in sizes) < full
+    assert peak < full * 2  # less than one bf16 S×S score matrix
+    ref, _, _ = math_attention(q[:, :, :256].double(), k.double(), v.double(), None, bm[:, :, :2])
+    low, _, _ = math_attention(q[:, :, :256], k, v, None, bm[:, :, :2])
+    assert_close_to_reference(out[:, :, :256], ref, low, torch.bfloat16, "out")
+
+
+def test_dynamic_lengths_do_not_recompile_on_cuda():
+    torch._dynamo.reset()
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+
+    def run(q, k, v, bm):
+        return flex_attention(q, k, v, block_mask=bm)
+
+    compiled = torch.compile(run, backend=cnt, fullgraph=True, dynamic=True)
+    # block counts 3, 5, 7 never equal another dim (duck sizing would tie them and recompile)
+    for S in (384, 640, 896):
+        bm = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, S, S, device="cuda")
+        q, k, v = make_inputs((2, 4, 4, S, S, 64, 64), torch.float16, "cuda")
+        out = compiled(q, k, v, bm)
+        ref, _, _ = math_attention(q.double(), k.double(), v.double(), None, bm)
+        low, _, _ = math_attention(q, k, v, None, bm)
+        assert_close_to_reference(out, ref, low, torch.float16, "out")
+    assert cnt.frame_count == 1
+
+
+@pytest.mark.parametrize("variant", ["causal", "document", "relative_bias", "softcap"])
+def test_aot_eager_cuda_runs_fused_kernel_fwd_bwd(variant):
+    from inductor_flex import kernel as K
+
+    dims = SHAPES["gqa4x2_E64_Ev32"]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, torch.bfloat16, "cuda", requires_grad=True)
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda")
+    launched = []
+    real_run = K.run_forward
+
+    def spy(plan, *args, **kwargs):
+        launched.append(plan.source)
+        return real_run(plan, *args, **kwargs)
+
+    K.run_forward = spy
+    try:
+        torch._dynamo.reset()
+        out = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                                           enable_gqa=True),
+                            backend="aot_eager", fullgraph=True)(q, k, v)
+    finally:
+        K.run_forward = real_run
+    assert launched and "def flex_fwd_kernel" in launched[0]
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref_out, _, _ = math_attention(*leaves64, score_mod, block_mask)
+    ref_grads = torch.autograd.grad(ref_out, leaves64, g.double())
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    low_out, _, _ = math_attention(*leaves, score_mod, block_mask)
+    low_grads = torch.autograd.grad(low_out, leaves, g)
+    assert_close_to_reference(out, ref_out, low_out, torch.bfloat16, "out")
+    for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert_close_to_reference(a, r, lo, torch.bfloat16, name)
+
+
+@pytest.mark.parametrize("variant", ["causal", "relative_bias", "document"])
+def test_inductor_cuda_graph_calls_the_fused_kernel(variant):
+    from torch._inductor.utils import run_and_get_code
+
+    dims = SHAPES["gqa4x2_E64_Ev32"]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, torch.bfloat16, "cuda")
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda")
+    f = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                                     enable_gqa=True) * 2,
+                      backend="inductor", fullgraph=True)
+    out, code = run_and_get_code(f, q, k, v)
+    text = "\n".join(code)
+    assert "inductor_flex.flex_forward" in text and "def flex_fwd_kernel" in text
+    ref, _, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
+    low, _, _ = math_attention(q, k, v, score_mod, block_mask)
+    assert_close_to_reference(out / 2, ref, low, torch.bfloat16, "out")
+
+
+@pytest.mark.parametrize("variant", ["causal", "relative_bias", "softcap"])
+def test_inductor_cuda_backward_runs_fused_kernels(variant, monkeypatch):
+    # the compiled backward is one inductor_flex::flex_backward op: the fused dK/dV and dQ kernels
+    import inductor_flex.backward as backward_mod
+
+    calls = []
+    real = backward_mod.run_backward
+    monkeypatch.setattr(backward_mod, "run_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    dims = (2, 8, 2, 1000, 1000, 128, 128)
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, torch.bfloat16, "cuda", requires_grad=True)
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda", block=128)
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                                     enable_gqa=True), backend="inductor", fullgraph=True)
+    out = f(q, k, v)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    assert len(calls) == 1
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(math_attention(*leaves64, score_mod, block_mask)[0], leaves64, g.double())
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    low_grads = torch.autograd.grad(math_attention(*leaves, score_mod, block_mask)[0], leaves, g)
+    for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert_close_to_reference(a, r, lo, torch.bfloat16, name)

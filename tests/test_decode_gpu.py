@@ -1,0 +1,106 @@
+"""The decode kernel on the GPU (H100): bf16 / fp16 numerics vs the float64 oracle, including the
+benchmark shape, paged vs contiguous, and CUDA graph capture of a decode step."""
+import pytest
+import torch
+
+from inductor_flex import BlockMask, create_block_mask, flex_attention
+from inductor_flex import decode as D
+from inductor_flex.paged import PagedKVCache
+from inductor_flex.reference import math_attention
+
+from cases import make_inputs, make_variant
+from conftest import assert_close_to_reference
+
+pytestmark = pytest.mark.gpu
+DECODE = {"BACKEND": "TRITON_DECODE"}
+
+
+def _need_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+def check(q, k, v, score_mod=None, block_mask=None, opts=DECODE):
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
+                              return_lse=True, kernel_options=opts)
+    torch.cuda.synchronize()
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
+    low_out, low_lse, _ = math_attention(q, k, v, score_mod, block_mask)
+    assert_close_to_reference(out, ref_out, low_out, q.dtype, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, q.dtype, "lse")
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("S", [8192, 1000], ids=lambda s: f"S{s}")
+def test_benchmark_shape(S, dtype):
+    _need_cuda()
+    q, k, v = make_inputs((8, 32, 8, 1, S, 128, 128), dtype, "cuda")
+    check(q, k, v)
+    check(q, k, v, opts={"BACKEND": "AUTO"})
+
+
+@pytest.mark.parametrize("variant", ["causal", "sliding_window", "document", "alibi", "softcap",
+                                     "relative_bias", "random_blocks", "empty_rows"])
+@pytest.mark.parametrize("group,Lq", [(1, 1), (4, 4), (8, 16)], ids=["gqa1-Lq1", "gqa4-Lq4", "gqa8-Lq16"])
+def test_variants_bf16(variant, group, Lq):
+    _need_cuda()
+    Lkv = 3001
+    q, k, v = make_inputs((2, 4 * group, 4, Lq, Lkv, 128, 128), torch.bfloat16, "cuda")
+    score_mod, bm = make_variant(variant, Lq, Lkv, 4 * group, "cuda", block=128)
+    check(q, k, v, score_mod, bm, opts={**DECODE, "SPLIT_KV": 3, "BLOCK_N": 64})  # pinned: no autotuning
+
+
+def test_paged_matches_contiguous_bf16():
+    _need_cuda()
+    B, Hq, Hkv, E, L, ps = 4, 32, 8, 128, 5000, 128
+    cache = PagedKVCache(B * 40 + 3, ps, B, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    cache.free_pages = [cache.free_pages[i] for i in torch.randperm(cache.n_pages, generator=g).tolist()]
+    for b in range(B):
+        cache.reserve(b, L)
+    q, k, v = make_inputs((B, Hq, Hkv, 1, L, E, E), torch.bfloat16, "cuda")
+    k_pool = torch.zeros(1, Hkv, cache.capacity, E, dtype=torch.bfloat16, device="cuda")
+    v_pool = torch.zeros_like(k_pool)
+    idx = torch.arange(B, device="cuda")
+    cache.assign(idx, torch.arange(L, device="cuda")[None].expand(B, L), k, v, k_pool, v_pool)
+    bm = create_block_mask(lambda b, h, qi, kv: kv < L, None, None, 1, L, device="cuda", BLOCK_SIZE=128)
+    phys = cache.convert_logical_block_mask(bm, idx)
+    paged = flex_attention(q, k_pool.expand(B, -1, -1, -1), v_pool.expand(B, -1, -1, -1), block_mask=phys,
+                           enable_gqa=True, kernel_options=DECODE)
+    contiguous = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=DECODE)
+    ref, _, _ = math_attention(q.double(), k.double(), v.double(), None, bm)
+    low, _, _ = math_attention(q, k, v, None, bm)
+    assert_close_to_reference(paged, ref, low, torch.bfloat16, "paged")
+    assert_close_to_reference(contiguous, ref, low, torch.bfloat16, "contiguous")
+
+
+def test_cuda_graph_replays_new_offsets():
+    _need_cuda()
+    B, Hq, Hkv, E, MAX = 2, 16, 4, 128, 2048
+    offset = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def causal_at_offset(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    # one BlockMask row listing every kv block as partial: mask_mod masks per position, so the same
+    # graph serves every offset
+    n = MAX // 128
+    bm = BlockMask.from_kv_blocks(torch.full((1, 1, 1), n, dtype=torch.int32, device="cuda"),
+                                  torch.arange(n, dtype=torch.int32, device="cuda").view(1, 1, 1, n),
+                                  BLOCK_SIZE=128, mask_mod=causal_at_offset, seq_lengths=(1, MAX))
+    q = torch.randn(B, Hq, 1, E, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(B, Hkv, MAX, E, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=DECODE)  # warm up: compile, plan
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=DECODE)
+    for pos in (5, 700, 2047):
+        offset.fill_(pos)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, _, _ = math_attention(q.double(), k[:, :, :pos + 1].double(), v[:, :, :pos + 1].double())
+        low, _, _ = math_attention(q, k[:, :, :pos + 1], v[:, :, :pos + 1])
+        assert_close_to_reference(out, ref, low, torch.bfloat16, f"pos {pos}")
+    assert D.stats["plans"] >= 1
