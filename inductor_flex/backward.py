@@ -99,7 +99,7 @@ class Launch(NamedTuple):
 class BackwardCall:
     """The buffers and launch arguments of one backward: preprocess, dK/dV and dQ."""
 
-    def __init__(self, bplan: BackwardPlan, query, key, value, out, lse, grad_out, grad_lse):
+    def __init__(self, bplan: BackwardPlan, query, key, value, out, lse, grad_out, grad_lse, fused_dq=False):
         plan = self.plan = bplan.fwd
         self.bplan = bplan
         self.q, self.k, self.v, self.out = query, key, value, out
@@ -110,6 +110,10 @@ class BackwardCall:
         self.grad_lse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else None
         self.delta = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev)
         self.dq, self.dk, self.dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        self.fused_dq = fused_dq
+        # FUSED_DQ: dQ accumulated by the dK/dV kernel in float32 (unscaled), padded head dim
+        self.dq_acc = (torch.zeros(B, Hq, Lq, head_pad(E), dtype=torch.float32, device=dev) if fused_dq
+                       else self.delta)
         grad_caps = bplan.grad_caps or (False,) * len(plan.score.tensors)
         self.cap_bufs = [torch.zeros(t.shape, dtype=torch.float32, device=dev) if need else None
                          for t, need in zip(plan.score.tensors, grad_caps)]
@@ -142,13 +146,13 @@ class BackwardCall:
         B, Hq, Lq, _ = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
         q_num, q_idx, fq_num, fq_idx = self.q_side
-        args = (q, k, v, g, self.dk, self.dv, self.lse, self.delta, q_num, q_idx, fq_num, fq_idx,
+        args = (q, k, v, g, self.dk, self.dv, self.lse, self.delta, self.dq_acc, q_num, q_idx, fq_num, fq_idx,
                 *q.stride(), *k.stride(), *v.stride(), *g.stride(), *self.dk.stride(), *self.dv.stride(),
                 *q_num.stride(), *q_idx.stride()[:3],
                 self.scale, self.qk_scale, Lq, Lkv, Hq, Hkv, Hq // Hkv, *self.mod_args)
         # query tiles walk whole sparse blocks, which can reach past Lq: "even" means block-aligned
         consts = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=Lq % self.common["SPARSE_Q"] == 0,
-                      EVEN_N=Lkv % cfg.BLOCK_N == 0, **self.common)
+                      EVEN_N=Lkv % cfg.BLOCK_N == 0, FUSED_DQ=self.fused_dq, **self.common)
         return Launch("flex_bwd_dkdv", (triton_cdiv(Lkv, cfg.BLOCK_N), B * Hkv), args, consts,
                       cfg.num_warps, cfg.num_stages)
 
@@ -182,17 +186,21 @@ def run_backward(bplan: BackwardPlan, query, key, value, out, lse, grad_out, gra
     """-> (dq, dk, dv, [grad of each captured score_mod tensor or None])."""
     plan = bplan.fwd
     module = load_module(bplan.source, plan.interpret)
-    call = BackwardCall(bplan, query, key, value, out, lse, grad_out, grad_lse)
-    _run(module, call.preprocess())
-
     tensors = plan.score.tensors
     deterministic = bool(bplan.opts.get("DETERMINISTIC", False))
     want = [bool(n) for n in captured_needs[:len(tensors)]] + [False] * max(0, len(tensors) - len(captured_needs))
-    any_caps = any(b is not None for b in call.cap_bufs)
+    any_caps = any(bplan.grad_caps)
+    fused = bool(bplan.opts.get("FUSED_DQ", False))
+    if fused and (deterministic or any_caps):
+        raise ValueError("kernel_options FUSED_DQ accumulates dQ with atomics: it cannot be combined with "
+                         "DETERMINISTIC, nor with gradients of captured tensors (they are taken in the dQ kernel)")
+    call = BackwardCall(bplan, query, key, value, out, lse, grad_out, grad_lse, fused_dq=fused)
+    _run(module, call.preprocess())
     dkdv_cands, dq_cands = call.configs()
     opts = bplan.opts
     dkdv_cfg = _pinned(opts, "BLOCK_M1", "BLOCK_N1", dkdv_cands[0]) or _tune(
-        bplan, "dkdv", dkdv_cands, lambda c: _run(module, call.dkdv(c)), query, key, value)
+        bplan, "dkdv_fused_dq" if fused else "dkdv", dkdv_cands, lambda c: _run(module, call.dkdv(c)),
+        query, key, value)
     dq_cfg = _pinned(opts, "BLOCK_M2", "BLOCK_N2", dq_cands[0]) or _tune(
         bplan, "dq", dq_cands, lambda c: _run(module, call.dq_launch(c, False)), query, key, value)
     q_bs, kv_bs = plan.block_mask.BLOCK_SIZE
@@ -200,8 +208,13 @@ def run_backward(bplan: BackwardPlan, query, key, value, out, lse, grad_out, gra
         if q_bs % cfg.BLOCK_M or kv_bs % cfg.BLOCK_N:
             raise ValueError(f"kernel_options {m}={cfg.BLOCK_M}, {n}={cfg.BLOCK_N} ({name} kernel) must divide the "
                              f"BlockMask's BLOCK_SIZE {plan.block_mask.BLOCK_SIZE}")
-    _run(module, call.dkdv(dkdv_cfg))
-    _run(module, call.dq_launch(dq_cfg, any_caps and not deterministic))
+    if fused:
+        call.dq_acc.zero_()  # autotuning may have run the dK/dV kernel already
+        _run(module, call.dkdv(dkdv_cfg))
+        call.dq.copy_(call.dq_acc[..., :query.shape[-1]] * plan.scale)
+    else:
+        _run(module, call.dkdv(dkdv_cfg))
+        _run(module, call.dq_launch(dq_cfg, any_caps and not deterministic))
 
     if any_caps and deterministic:
         cap_grads = _captured_grads_math(plan, query, key, value, call.grad_out, grad_lse, want)

@@ -27,6 +27,8 @@ KNOWN_KERNEL_OPTIONS = {
     "BLOCK_N1": int,
     "BLOCK_M2": int,
     "BLOCK_N2": int,
+    # backward: accumulate dQ inside the dK/dV kernel with atomics instead of a separate dQ kernel
+    "FUSED_DQ": bool,
 }
 
 

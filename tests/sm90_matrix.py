@@ -74,6 +74,8 @@ def backward_specializations():
         yield "backward", variant, "gqa4x2_E64_Ev32", torch.float16, "interp"
         yield "backward", variant, "E128_Lq33_Lkv65", torch.bfloat16, "gpu"
     yield "backward", "noop", "odd37_E40", torch.float32, "gpu"
+    for variant in ("noop", "causal", "softcap"):  # kernel_options FUSED_DQ: dQ atomics in the dK/dV kernel
+        yield "backward", variant, "E128_Lq33_Lkv65", torch.bfloat16, "gpu_fused_dq"
 
 
 def compile_backward(job):
@@ -96,11 +98,12 @@ def compile_backward(job):
     bplan = BackwardPlan(plan, score_mod, grad_caps, {})
     out = torch.empty(B, Hq, Lq, Ev, dtype=dtype)
     lse = torch.empty(B, Hq, Lq)
-    call = BackwardCall(bplan, q, k, v, out, lse, torch.empty_like(out), torch.empty_like(lse))
+    fused = which == "gpu_fused_dq"
+    call = BackwardCall(bplan, q, k, v, out, lse, torch.empty_like(out), torch.empty_like(lse), fused_dq=fused)
     bs = plan.block_mask.BLOCK_SIZE
     dkdv_cfg = backward_configs("dkdv", E, Ev, dtype, bs, interpret=(which == "interp"))[0]
     dq_cfg = backward_configs("dq", E, Ev, dtype, bs, interpret=(which == "interp"))[0]
-    launches = [call.preprocess(), call.dkdv(dkdv_cfg), call.dq_launch(dq_cfg, any(grad_caps))]
+    launches = [call.preprocess(), call.dkdv(dkdv_cfg)] + ([] if fused else [call.dq_launch(dq_cfg, any(grad_caps))])
     t = time.time()
     ok, msg = compile_launches(K.load_module(bplan.source, False),
                                [(x.kernel, x.args, x.constexprs, x.num_warps, x.num_stages) for x in launches])

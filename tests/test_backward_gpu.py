@@ -25,14 +25,14 @@ def test_backward_gpu_matches_reference(variant, shape, dtype):
     B, Hq, Hkv, Lq, Lkv, E, Ev = shape
     block = 128 if Lq >= 512 else 32
     score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda", block=block)
-    check_backward(shape, dtype, score_mod, block_mask, kernel_options=None, device="cuda")
+    check_backward(shape, dtype, score_mod, block_mask, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", list(LEARNABLE))
 def test_captured_tensor_gradients_gpu(name, dtype):
     factory, make = LEARNABLE[name]
-    check_backward((2, 4, 2, L, L, 64, 64), dtype, factory, None, make(4), kernel_options=None, device="cuda")
+    check_backward((2, 4, 2, L, L, 64, 64), dtype, factory, None, make(4), device="cuda")
 
 
 def test_dq_dk_dv_are_deterministic_with_gqa():
@@ -66,3 +66,11 @@ def test_backward_memory_is_linear():
     # out + dq, dk, dv (about 1.3x the inputs) and fp32 row stats; one S x S bf16 score matrix is 1 GiB
     assert extra < 2 * inputs + (4 << 20), f"backward used {extra} extra bytes vs inputs {inputs}"
     assert extra < B * H * S * S * 2 / 20
+
+
+@pytest.mark.parametrize("variant", ["noop", "causal", "document", "softcap"])
+def test_fused_dq_gpu_matches_reference(variant):
+    shape = GPU_SHAPES["S1000_D128_gqa"]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = shape
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda", block=128)
+    check_backward(shape, torch.bfloat16, score_mod, block_mask, kernel_options={"BACKEND": "TRITON", "FUSED_DQ": True}, device="cuda")

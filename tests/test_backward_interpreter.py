@@ -10,6 +10,7 @@ from cases import LEARNABLE, LEARNABLE_LEN as L, SHAPES, VARIANTS, make_inputs, 
 from conftest import assert_close_to_reference
 
 TRITON = {"BACKEND": "TRITON"}
+MATH_REFERENCE = object()  # grads_of: the math path, the reference side of a comparison
 
 
 def _loss(out, lse, g_out, g_lse):
@@ -18,11 +19,12 @@ def _loss(out, lse, g_out, g_lse):
 
 
 def grads_of(q, k, v, score_mod, block_mask, captured, kernel_options, g_out, g_lse, dtype=None, gqa=False):
-    """(dq, dk, dv, *d captured) of _loss, with inputs cast to ``dtype`` (None: kernel run)."""
+    """(dq, dk, dv, *d captured) of _loss through flex_attention with ``kernel_options``, or through
+    the math path when kernel_options is MATH_REFERENCE, with inputs cast to ``dtype``."""
     leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
     cap = [c.detach().to(dtype or c.dtype).requires_grad_() for c in captured]
     mod = score_mod(*cap) if callable(score_mod) and captured else score_mod
-    if kernel_options is None:
+    if kernel_options is MATH_REFERENCE:
         out, lse, _ = math_attention(*leaves, mod, block_mask)
     else:
         out, lse = flex_attention(*leaves, score_mod=mod, block_mask=block_mask, enable_gqa=gqa, return_lse=True,
@@ -32,14 +34,15 @@ def grads_of(q, k, v, score_mod, block_mask, captured, kernel_options, g_out, g_
 
 
 def check_backward(shape, dtype, score_mod, block_mask, captured=(), kernel_options=TRITON, device="cpu"):
+    assert kernel_options is not MATH_REFERENCE, "check_backward tests the kernels"
     B, Hq, Hkv, Lq, Lkv, E, Ev = shape
     q, k, v = make_inputs(shape, dtype, device)
     captured = [c.to(device) for c in captured]
     g_out = torch.randn(B, Hq, Lq, Ev, dtype=torch.float64, device=device)
     g_lse = torch.randn(B, Hq, Lq, dtype=torch.float64, device=device)
     got, out = grads_of(q, k, v, score_mod, block_mask, captured, kernel_options, g_out, g_lse, gqa=Hq != Hkv)
-    ref, _ = grads_of(q, k, v, score_mod, block_mask, captured, None, g_out, g_lse, dtype=torch.float64)
-    low, _ = grads_of(q, k, v, score_mod, block_mask, captured, None, g_out, g_lse)
+    ref, _ = grads_of(q, k, v, score_mod, block_mask, captured, MATH_REFERENCE, g_out, g_lse, dtype=torch.float64)
+    low, _ = grads_of(q, k, v, score_mod, block_mask, captured, MATH_REFERENCE, g_out, g_lse)
     names = ["dq", "dk", "dv"] + [f"d captured[{i}]" for i in range(len(captured))]
     for name, a, r, lo in zip(names, got, ref, low):
         assert a is not None, f"{name} missing"
@@ -139,3 +142,25 @@ def test_per_batch_and_head_block_mask():
     shape = (2, 4, 2, 70, 70, 32, 32)
     bm = create_block_mask(per_head_window, 2, 4, 70, 70, device="cpu", BLOCK_SIZE=32)
     check_backward(shape, torch.float32, None, bm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", ["odd37_E40", "gqa4x2_E64_Ev32", "Lq50_Lkv97"])
+@pytest.mark.parametrize("variant", ["noop", "causal", "document", "alibi", "softcap", "random_blocks", "empty_rows"])
+def test_fused_dq_matches_reference(variant, shape, dtype):
+    # kernel_options FUSED_DQ: dQ accumulated inside the dK/dV kernel with float32 atomics
+    dims = SHAPES[shape]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
+    check_backward(dims, dtype, score_mod, block_mask, kernel_options={"BACKEND": "TRITON", "FUSED_DQ": True})
+
+
+def test_fused_dq_refuses_captured_gradients_and_determinism():
+    q, k, v = make_inputs((1, 2, 2, 33, 33, 16, 16), torch.float32, "cpu", requires_grad=True)
+    table = torch.randn(2, 65, requires_grad=True)
+    out = flex_attention(q, k, v, score_mod=rel_bias_33(table), kernel_options={"BACKEND": "TRITON", "FUSED_DQ": True})
+    with pytest.raises(ValueError, match="FUSED_DQ"):
+        out.sum().backward()
+    out = flex_attention(q, k, v, kernel_options={"BACKEND": "TRITON", "FUSED_DQ": True, "DETERMINISTIC": True})
+    with pytest.raises(ValueError, match="FUSED_DQ"):
+        out.sum().backward()
