@@ -52,6 +52,29 @@ def assert_close_to_reference(actual, ref64, ref_lowp, dtype, name="out"):
     return err, ref_err
 
 
+def compile_counter(backend="inductor"):
+    """A fresh Dynamo state and a counter of the frames compiled with ``backend``."""
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    return torch._dynamo.testing.CompileCounterWithBackend(backend)
+
+
+def record_calls(monkeypatch, module, name, record=lambda *args, **kwargs: None):
+    """Wrap ``module.name`` for the test: each call appends ``record(*args, **kwargs)`` to the
+    returned list, then runs the real function."""
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(record(*args, **kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

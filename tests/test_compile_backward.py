@@ -3,29 +3,20 @@ backward HOP runs them directly; under Inductor the backward is one ``inductor_f
 op whose kernels were rendered at trace time. Interpreter on CPU (BACKEND "TRITON") vs float64."""
 import pytest
 import torch
-import torch._dynamo.testing
 
 import inductor_flex.backward as backward_mod
 from inductor_flex import flex_attention
 from inductor_flex.reference import math_attention
 
 from cases import LEARNABLE, LEARNABLE_LEN as L, SHAPES, make_inputs, make_variant
-from conftest import assert_close_to_reference
+from conftest import assert_close_to_reference, compile_counter, record_calls
 
 TRITON = {"BACKEND": "TRITON"}
 
 
 @pytest.fixture
 def backward_calls(monkeypatch):
-    calls = []
-    real = backward_mod.run_backward
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(backward_mod, "run_backward", counting)
-    return calls
+    return record_calls(monkeypatch, backward_mod, "run_backward")
 
 
 def _grads(fn, q, k, v, caps, g):
@@ -44,8 +35,7 @@ def test_compiled_backward_runs_fused_kernels(variant, backend, backward_calls):
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True,
                               kernel_options=TRITON)
 
-    torch._dynamo.reset()
-    cnt = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    cnt = compile_counter(backend)
     compiled = torch.compile(attn, backend=cnt, fullgraph=True)
     q, k, v = make_inputs(shape, torch.float32, "cpu", requires_grad=True)
     g = torch.randn(B, Hq, Lq, Ev)

@@ -9,14 +9,9 @@ from inductor_flex.reference import math_attention
 from inductor_flex.variants import generate_causal_mask, generate_doc_mask_mod
 
 from cases import SHAPES, VARIANTS, make_inputs, make_variant
-from conftest import assert_close_to_reference
+from conftest import assert_close_to_reference, compile_counter, record_calls
 
 BACKENDS = ["eager", "aot_eager"]
-
-
-def _counter(backend):
-    torch._dynamo.reset()
-    return torch._dynamo.testing.CompileCounterWithBackend(backend)
 
 
 def _hop_nodes(gm):
@@ -36,7 +31,7 @@ def test_fullgraph_matches_reference(variant, shape, backend):
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=Hq != Hkv,
                               return_lse=True)
 
-    cnt = _counter(backend)
+    cnt = compile_counter(backend)
     out, lse = torch.compile(attn, backend=cnt, fullgraph=True)(q, k, v)
     assert cnt.frame_count == 1 and cnt.op_count >= 1
     assert len(_hop_nodes(cnt.graphs[0])) == 1
@@ -65,7 +60,7 @@ def test_captured_tensors_are_operands_not_constants():
     L = 48
     bm, table = _doc_setup(L), torch.randn(2, 2 * L - 1)
     q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu")
-    cnt = _counter("eager")
+    cnt = compile_counter("eager")
     torch.compile(_biased, backend=cnt, fullgraph=True)(q, k, v, bm, table)
     gm = cnt.graphs[0]
     (node,) = _hop_nodes(gm)
@@ -82,7 +77,7 @@ def test_captured_tensors_are_operands_not_constants():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_new_values_and_new_block_mask_do_not_recompile(backend):
     L = 48
-    cnt = _counter(backend)
+    cnt = compile_counter(backend)
     compiled = torch.compile(_biased, backend=cnt, fullgraph=True)
     for seed in range(3):
         torch.manual_seed(seed)
@@ -96,7 +91,7 @@ def test_new_values_and_new_block_mask_do_not_recompile(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dynamic_sequence_length_does_not_recompile(backend):
-    cnt = _counter(backend)
+    cnt = compile_counter(backend)
     compiled = torch.compile(_biased, backend=cnt, fullgraph=True, dynamic=True)
     # 5 documents: the offsets' size never equals a block count here (duck sizing would tie them)
     for L in (40, 57, 72, 90):
@@ -122,7 +117,7 @@ def test_forward_backward_with_captured_grad(backend):
                                   block_mask=bm, return_aux=AuxRequest(lse=True))
         return (out * out).sum() + aux.lse.sum() * 0.5
 
-    cnt = _counter(backend)
+    cnt = compile_counter(backend)
     loss = torch.compile(loss_fn, backend=cnt, fullgraph=True)(q, k, v)
     grads = torch.autograd.grad(loss, (q, k, v, table))
     assert cnt.frame_count == 1
@@ -185,7 +180,7 @@ def test_no_graph_break_inside_a_model():
 
 
 @pytest.mark.parametrize("variant", ["causal", "document", "relative_bias", "softcap"])
-def test_eager_backend_runs_the_fused_kernel(variant):
+def test_eager_backend_runs_the_fused_kernel(variant, monkeypatch):
     """Under backend="eager" the HOP's eager rule takes the eager backend choice: here the Triton
     kernel (in the interpreter on CPU), with the traced mods and their operands printed into it."""
     from inductor_flex import kernel as K
@@ -194,20 +189,11 @@ def test_eager_backend_runs_the_fused_kernel(variant):
     B, Hq, Hkv, Lq, Lkv, E, Ev = dims
     q, k, v = make_inputs(dims, torch.float32, "cpu")
     score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
-    launched = []
-    real_run = K.run_forward
-
-    def spy(plan, *args, **kwargs):
-        launched.append(plan.source)
-        return real_run(plan, *args, **kwargs)
-
-    K.run_forward = spy
-    try:
-        out = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                                           kernel_options={"BACKEND": "TRITON"}),
-                            backend="eager", fullgraph=True)(q, k, v)
-    finally:
-        K.run_forward = real_run
+    launched = record_calls(monkeypatch, K, "run_forward", lambda plan, *a, **kw: plan.source)
+    out = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                                       kernel_options={"BACKEND": "TRITON"}),
+                        backend="eager", fullgraph=True)(q, k, v)
+    monkeypatch.undo()
     assert len(launched) == 1 and "def flex_fwd_kernel" in launched[0]
     ref, _, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
     low, _, _ = math_attention(q, k, v, score_mod, block_mask)

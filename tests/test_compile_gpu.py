@@ -11,7 +11,7 @@ from inductor_flex import create_block_mask, flex_attention
 from inductor_flex.reference import math_attention
 
 from cases import SHAPES, make_inputs, make_variant
-from conftest import HAS_CUDA, assert_close_to_reference
+from conftest import HAS_CUDA, assert_close_to_reference, record_calls
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
@@ -100,28 +100,19 @@ def test_dynamic_lengths_do_not_recompile_on_cuda():
 
 
 @pytest.mark.parametrize("variant", ["causal", "document", "relative_bias", "softcap"])
-def test_aot_eager_cuda_runs_fused_kernel_fwd_bwd(variant):
+def test_aot_eager_cuda_runs_fused_kernel_fwd_bwd(variant, monkeypatch):
     from inductor_flex import kernel as K
 
     dims = SHAPES["gqa4x2_E64_Ev32"]
     B, Hq, Hkv, Lq, Lkv, E, Ev = dims
     q, k, v = make_inputs(dims, torch.bfloat16, "cuda", requires_grad=True)
     score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda")
-    launched = []
-    real_run = K.run_forward
-
-    def spy(plan, *args, **kwargs):
-        launched.append(plan.source)
-        return real_run(plan, *args, **kwargs)
-
-    K.run_forward = spy
-    try:
-        torch._dynamo.reset()
-        out = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                                           enable_gqa=True),
-                            backend="aot_eager", fullgraph=True)(q, k, v)
-    finally:
-        K.run_forward = real_run
+    launched = record_calls(monkeypatch, K, "run_forward", lambda plan, *a, **kw: plan.source)
+    torch._dynamo.reset()
+    out = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                                       enable_gqa=True),
+                        backend="aot_eager", fullgraph=True)(q, k, v)
+    monkeypatch.undo()
     assert launched and "def flex_fwd_kernel" in launched[0]
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
@@ -160,9 +151,7 @@ def test_inductor_cuda_backward_runs_fused_kernels(variant, monkeypatch):
     # the compiled backward is one inductor_flex::flex_backward op: the fused dK/dV and dQ kernels
     import inductor_flex.backward as backward_mod
 
-    calls = []
-    real = backward_mod.run_backward
-    monkeypatch.setattr(backward_mod, "run_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = record_calls(monkeypatch, backward_mod, "run_backward")
     dims = (2, 8, 2, 1000, 1000, 128, 128)
     B, Hq, Hkv, Lq, Lkv, E, Ev = dims
     q, k, v = make_inputs(dims, torch.bfloat16, "cuda", requires_grad=True)

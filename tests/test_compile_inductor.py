@@ -13,12 +13,7 @@ from inductor_flex.reference import math_attention
 from inductor_flex.variants import generate_causal_mask, generate_doc_mask_mod
 
 from cases import SHAPES, VARIANTS, make_inputs, make_variant
-from conftest import assert_close_to_reference
-
-
-def _counter(backend="inductor"):
-    torch._dynamo.reset()
-    return torch._dynamo.testing.CompileCounterWithBackend(backend)
+from conftest import assert_close_to_reference, compile_counter
 
 
 @pytest.mark.parametrize("shape", ["odd37_E40", "gqa4x2_E64_Ev32", "Lq50_Lkv97"])
@@ -33,7 +28,7 @@ def test_inductor_forward_matches_reference(variant, shape):
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=Hq != Hkv,
                               return_aux=AuxRequest(lse=True, max_scores=True))
 
-    cnt = _counter()
+    cnt = compile_counter()
     out, aux = torch.compile(attn, backend=cnt, fullgraph=True)(q, k, v)
     assert cnt.frame_count == 1
     ref_out, ref_lse, ref_max = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
@@ -59,7 +54,7 @@ def test_inductor_forward_backward(variant):
                                   return_lse=True)
         return (out * out).sum() + lse.sum()
 
-    cnt = _counter()
+    cnt = compile_counter()
     grads = torch.autograd.grad(torch.compile(loss, backend=cnt, fullgraph=True)(q, k, v), (q, k, v, *extra))
     assert cnt.frame_count == 1
     leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
@@ -102,7 +97,7 @@ def test_inductor_dynamic_lengths_fwd_bwd_no_recompile():
 
         return flex_attention(q, k, v, score_mod=rel_bias, block_mask=bm)
 
-    cnt = _counter()
+    cnt = compile_counter()
     compiled = torch.compile(attn, backend=cnt, fullgraph=True, dynamic=True)
     for L in (40, 57, 72):
         g = torch.Generator().manual_seed(L)
@@ -173,7 +168,7 @@ def test_fused_kernel_graph_dynamic_lengths_and_backward():
     def attn_math(q, k, v, bm, table):
         return math_attention(q, k, v, lambda s, b, h, m, n: s + table[h, n - m], bm)[0]
 
-    cnt = _counter()
+    cnt = compile_counter()
     compiled = torch.compile(attn, backend=cnt, fullgraph=True, dynamic=True)
     for L in (40, 57):
         g = torch.Generator().manual_seed(L)
@@ -202,7 +197,7 @@ def test_mod_depending_on_a_symbolic_length_takes_the_decomposition():
         return flex_attention(q, k, v, score_mod=lambda s, b, h, m, n: s + (q.shape[2] - m) * 0.01,
                               kernel_options=TRITON)
 
-    cnt = _counter()
+    cnt = compile_counter()
     compiled = torch.compile(attn, backend=cnt, fullgraph=True, dynamic=True)
     for L in (33, 47):
         q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu")
