@@ -69,11 +69,108 @@ def inductor_register_decomposition(op, fn: Callable) -> None:
 
 
 
+# ---- Inductor templates (lowering/template.py) ---------------------------------------------------
+def inductor_template_api():
+    """(TritonTemplate, autotune_select_algorithm, SymbolicGridFn, TritonTemplateKernel): Inductor's
+    Jinja-template kernels and their autotuner (private: torch._inductor.select_algorithm)."""
+    sa = "torch._inductor.select_algorithm"
+    return (
+        _private(sa, "TritonTemplate", "Triton template kernels"),
+        _private(sa, "autotune_select_algorithm", "template autotuning"),
+        _private(sa, "SymbolicGridFn", "template launch grids"),
+        _private(sa, "TritonTemplateKernel", "template kernel hooks"),
+    )
 
 
+def new_triton_template(name: str, grid, source: str):
+    """A TritonTemplate; layouts of its inputs are frozen when the template reads their strides
+    (torch 2.13 makes that an option, 2.11 always does it)."""
+    import inspect
+
+    TritonTemplate = inductor_template_api()[0]
+    kwargs = {}
+    if "always_freeze_layout" in inspect.signature(TritonTemplate.__init__).parameters:
+        kwargs["always_freeze_layout"] = True
+    return TritonTemplate(name=name, grid=grid, source=source, **kwargs)
 
 
+def modification_takes_shapes() -> bool:
+    """Whether the template hook modification() takes input_shapes / input_dtypes (torch 2.13)."""
+    import inspect
 
+    params = inspect.signature(inductor_template_api()[3].modification).parameters
+    return "input_shapes" in params and "input_dtypes" in params
+
+
+def store_output_takes_shape() -> bool:
+    """Whether the template hook store_output() takes val_shape (the value's block shape)."""
+    import inspect
+
+    return "val_shape" in inspect.signature(inductor_template_api()[3].store_output).parameters
+
+
+def select_template(name, choices, input_nodes, layout, input_gen_fns):
+    """Benchmark the template choices (when there are several) and return the chosen output node."""
+    res = inductor_template_api()[1](name, choices, input_nodes, layout, input_gen_fns=input_gen_fns)
+    return res[0] if isinstance(res, tuple) else res
+
+
+def inductor_ir():
+    """torch._inductor.ir: TensorBox, ComputedBuffer, InputBuffer, FixedLayout, FlexibleLayout, Subgraph."""
+    return _private("torch._inductor", "ir", "Inductor's IR")
+
+
+def inductor_graph():
+    """The GraphLowering running now (torch._inductor.virtualized.V.graph)."""
+    return _private("torch._inductor.virtualized", "V", "Inductor's virtualized state").graph
+
+
+def inductor_lowering(op):
+    """Inductor's lowering for an ATen op (e.g. aten.empty_strided, aten.full)."""
+    table = _private("torch._inductor.lowering", "lowerings", "Inductor's lowering table")
+    return table[op]
+
+
+def inductor_realize(*nodes):
+    """Realize IR nodes into buffers a template can read."""
+    fn = _private("torch._inductor.select_algorithm", "realize_inputs", "template input realization")
+    return [fn(n) for n in nodes]
+
+
+def lower_subgraph(gm, args):
+    """Lower a pointwise FX subgraph (a score_mod / mask_mod) on IR arguments inside the running
+    GraphLowering -> its lowered outputs (TensorBoxes)."""
+    cls = _private("torch._inductor.subgraph_lowering", "PointwiseSubgraphLowering", "subgraph lowering")
+    V = _private("torch._inductor.virtualized", "V", "Inductor's virtualized state")
+    sub = cls(gm, root_graph_lowering=V.graph)
+    with V.set_graph_handler(sub):
+        sub.run(*args)
+    return sub.graph_outputs
+
+
+def size_hint(expr) -> int:
+    """An integer value for a (possibly symbolic) size: sizevars.optimization_hint (2.13) or size_hint (2.11)."""
+    sv = inductor_graph().sizevars
+    fn = getattr(sv, "optimization_hint", None) or getattr(sv, "size_hint")
+    return int(fn(expr))
+
+
+def static_int(expr) -> int:
+    """``expr`` as a Python int, guarding on its current value when it is symbolic (a recompile
+    follows if it changes): for sizes a kernel bakes in as constexprs, such as head dims."""
+    sv = inductor_graph().sizevars
+    fn = getattr(sv, "guard_int", None) or getattr(sv, "evaluate_static_shape")
+    return int(fn(expr))
+
+
+def known_multiple_of(expr, n: int) -> bool:
+    return bool(inductor_graph().sizevars.statically_known_multiple_of(expr, n))
+
+
+def inductor_max_autotune() -> bool:
+    import torch._inductor.config as cfg
+
+    return bool(getattr(cfg, "max_autotune", False))
 
 
 # ---- HigherOrderOperator machinery -------------------------------------------------------------

@@ -313,7 +313,11 @@ def _functional_mode(ctx):
 @flex_attention_hop.py_functionalize_impl
 def _forward_functionalize(ctx, query, key, value, score_mod, block_mask, scale, kernel_options, score_bufs,
                            mask_bufs):
-    if decompose_here():
+    from inductor_flex.lowering import template
+
+    if decompose_here() and not template.takes(query, key, value, score_mod, block_mask, kernel_options,
+                                               score_bufs, mask_bufs):
+        # (a call the template takes keeps the HOP node: Inductor lowers it, lowering/template.py)
         from inductor_flex.lowering.cpu import chunked_forward
         from inductor_flex.lowering.kernel_op import try_kernel_forward
 

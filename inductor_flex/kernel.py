@@ -296,6 +296,7 @@ def template_hooks(sm: PrintedMod, mm: PrintedMod) -> dict:
     """The hooks every template shares: the printed mods and their captured-tensor parameters."""
     plain = not sm.tensors and not sm.params and "return score" in sm.source
     return dict(
+        inductor=False,
         description=f"score_mod={'none' if plain else sm.source.splitlines()[2].strip('# ')}",
         helpers=HELPERS,
         score_mod_source=sm.source,
@@ -370,6 +371,7 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
         bm_args[(B, Hq)] = _block_mask_args(bm, B, Hq)
     kv_num, kv_idx, full_num, full_idx = bm_args[(B, Hq)]
     q_bs, kv_bs = bm.BLOCK_SIZE
+    dense = plan.user_block_mask is None  # no BlockMask: walk every kv block, no index loads
     log2e = 1.4426950408889634
     qk_scale = plan.scale if plan.has_score_mod else plan.scale * log2e
     mod_args = plan.score.args_for(plan.score.tensors) + plan.mask.args_for(plan.mask.tensors)
@@ -383,8 +385,9 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
     constexprs = dict(
         HAS_SCORE_MOD=plan.has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPARSE_Q=q_bs, SPARSE_KV=kv_bs,
-        EVEN_M=Lq % cfg.BLOCK_M == 0, EVEN_N=Lkv % kv_bs == 0,
+        EVEN_M=Lq % cfg.BLOCK_M == 0, EVEN_N=Lkv % (cfg.BLOCK_N if dense else kv_bs) == 0,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DENSE=dense, HAS_FULL=True,
     )
     grid = (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq)
     return grid, args, constexprs

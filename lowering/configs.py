@@ -76,6 +76,24 @@ def forward_configs(qk_head: int, v_head: int, dtype: torch.dtype, sparse_block:
     return out
 
 
+def wide_configs(qk_head: int, v_head: int, dtype: torch.dtype, sparse_block: Tuple[int, int],
+                 device: torch.device) -> List[Config]:
+    """A wider forward grid for Inductor's max-autotune, filtered like forward_configs."""
+    q_bs, kv_bs = sparse_block
+    elem = 4 if dtype == torch.float32 else 2
+    limit = max_shared_memory(device)
+    out = []
+    for bm in (64, 128):
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    c = Config(bm, bn, warps, stages)
+                    if (q_bs % bm == 0 and kv_bs % bn == 0
+                            and _smem_bytes(c, head_pad(qk_head), head_pad(v_head), elem) <= limit):
+                        out.append(c)
+    return out
+
+
 # Backward: (BLOCK_M, BLOCK_N) is the (query, kv) tile of each kernel. dK/dV keeps a kv tile of K, V,
 # dK, dV resident and streams query tiles; dQ keeps a query tile of Q, dO, dQ and streams kv tiles.
 _DKDV_CANDIDATES = {

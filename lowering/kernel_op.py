@@ -1,15 +1,14 @@
-"""The fused forward kernel inside Inductor graphs (interim, until the template lowering).
+"""The fused kernels as custom ops inside Inductor graphs.
 
-While Inductor's AOT trace records a flex attention forward that the eager path would run on the
-Triton kernel (CUDA tensors with BACKEND "AUTO"/"TRITON", or BACKEND "TRITON" on CPU under the
-interpreter), the HOP's functionalization rule emits one call of the custom op
-``inductor_flex::flex_forward`` instead of the chunked decomposition. The mods are printed into
+``inductor_flex::flex_backward`` is the compiled backward wherever the forward ran a fused kernel;
+``inductor_flex::flex_forward`` is the compiled forward where the eager path would run the kernel
+but the Inductor-lowered template (lowering/template.py) does not take the call (CPU under the
+interpreter with BACKEND "TRITON", mods that close over symbolic ints). The mods are printed into
 the template at trace time (the subgraphs run on stand-in tensors shaped like their operands), so
-the rendered Triton source is an argument of the op — visible in Inductor's output code — and the
+the rendered Triton source is an argument of the op, visible in Inductor's output code, and the
 captured tensors stay graph inputs. At run time the op loads that source (cached by content) and
-launches it with the eager path's config choice. The backward stays the chunked decomposition.
+launches it with the eager path's config choice and autotuning.
 """
-# (no `from __future__ import annotations` here: torch.library reads the op schema from the annotations)
 import math
 from typing import List, Optional, Tuple
 
@@ -19,8 +18,30 @@ from inductor_flex import compat
 
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
+# Plain torch.library registration (schema + CPU/CUDA kernels + fake): the ops run once per compiled
+# call, and torch.library.custom_op's Python wrappers (autograd and aliasing checks) cost ~150 us
+# a call on top of the kernels (measured on CPU with the launches stubbed out).
+_lib = torch.library.Library("inductor_flex", "DEF")
+_lib.define(
+    "flex_forward(Tensor query, Tensor key, Tensor value, Tensor? kv_num_blocks, Tensor? kv_indices, "
+    "Tensor? full_kv_num_blocks, Tensor? full_kv_indices, Tensor[] score_tensors, Tensor[] mask_tensors, "
+    "str source, bool has_score_mod, float? scale, int[] block_size, int[] pinned, bool fast_tanh) "
+    "-> (Tensor, Tensor, Tensor)")
+_lib.define(
+    "flex_backward(Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, Tensor grad_out, "
+    "Tensor? grad_lse, Tensor? kv_num_blocks, Tensor? kv_indices, Tensor? full_kv_num_blocks, "
+    "Tensor? full_kv_indices, Tensor? q_num_blocks, Tensor? q_indices, Tensor? full_q_num_blocks, "
+    "Tensor? full_q_indices, Tensor[] score_tensors, Tensor[] mask_tensors, str forward_source, "
+    "str backward_source, bool has_score_mod, float? scale, int[] block_size, bool[] grad_caps, "
+    "bool fast_tanh) -> Tensor[]")
 
-@torch.library.custom_op("inductor_flex::flex_forward", mutates_args=())
+
+def _register(name: str, kernel, fake) -> None:
+    for key in ("CPU", "CUDA"):
+        _lib.impl(name, kernel, key)
+    torch.library.register_fake(f"inductor_flex::{name}", fake, lib=_lib)
+
+
 def flex_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     kv_num_blocks: Optional[torch.Tensor], kv_indices: Optional[torch.Tensor],
@@ -63,13 +84,13 @@ def _plan_shell(query, key, value, bm_tensors, score_tensors, mask_tensors, sour
     plan.has_score_mod = has_score_mod
     plan.source = source
     plan.scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
-    # what an eager plan also carries (the DETERMINISTIC captured-gradient path reads them; the ops
-    # never take that path)
-    plan.score_mod, plan.user_block_mask, plan.opts = None, None, {}
+    # what an eager plan also carries (the DETERMINISTIC captured-gradient path reads score_mod; the
+    # ops never take that path); user_block_mask None means "no BlockMask" to the launcher
+    plan.score_mod, plan.opts = None, {}
+    plan.user_block_mask = plan.block_mask if bm_tensors[0] is not None else None
     return plan
 
 
-@torch.library.custom_op("inductor_flex::flex_backward", mutates_args=())
 def flex_backward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
@@ -96,21 +117,23 @@ def flex_backward(
     return [dq, dk, dv] + [g for g, need in zip(caps, bplan.grad_caps) if need]
 
 
-@flex_backward.register_fake
-def _(query, key, value, out, lse, grad_out, grad_lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
+def _flex_backward_fake(query, key, value, out, lse, grad_out, grad_lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
       full_kv_indices, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, score_tensors, mask_tensors,
       forward_source, backward_source, has_score_mod, scale, block_size, grad_caps, fast_tanh):
     grads = [torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)]
     return grads + [torch.empty_like(t) for t, need in zip(score_tensors, grad_caps) if need and has_score_mod]
 
 
-@flex_forward.register_fake
-def _(query, key, value, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, score_tensors,
+def _flex_forward_fake(query, key, value, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, score_tensors,
       mask_tensors, source, has_score_mod, scale, block_size, pinned, fast_tanh):
     from inductor_flex.hop import forward_meta
 
     out, lse, mx = forward_meta(query, key, value)
     return out.contiguous(), lse, mx
+
+
+_register("flex_forward", flex_forward, _flex_forward_fake)
+_register("flex_backward", flex_backward, _flex_backward_fake)
 
 
 def _uses_kernel(query, key, value, block_mask, opts) -> bool:

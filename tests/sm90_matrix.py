@@ -1,8 +1,9 @@
 """Cross-compile every kernel specialization the interpreter tests launch for sm_90 (no GPU):
-forward, backward (preprocess, dK/dV, dQ; with captured-tensor gradients) and decode (split + merge).
+forward, backward (preprocess, dK/dV, dQ; with captured-tensor gradients), decode (split + merge), and
+the forward template as Inductor rendered it (SM90_INDUCTOR_DIR).
 
 Run as a script in a process without TRITON_INTERPRET (test_sm90_compile.py does that, one kind
-per run: SM90_ONLY=forward|backward|decode). Prints one line per specialization and exits non-zero
+per run: SM90_ONLY=forward|backward|decode|inductor). Prints one line per specialization and exits non-zero
 if any fails.
 """
 import os
@@ -163,10 +164,56 @@ def compile_decode(job):
     return ok, f"decode-{variant}-{shape_name}-{str(dtype)[6:]} {cfg} split={split} {time.time() - t:.1f}s {msg}"
 
 
-KINDS = {"forward": specializations, "backward": backward_specializations, "decode": decode_specializations}
+# ---- forward kernels as Inductor rendered them (lowering/template.py) -----------------------------
+def inductor_specializations():
+    """One job per kernel source Inductor generated (files in SM90_INDUCTOR_DIR, written by
+    tests/test_template_lowering.py)."""
+    d = os.environ.get("SM90_INDUCTOR_DIR")
+    for name in sorted(os.listdir(d)) if d else []:
+        yield "inductor", os.path.join(d, name)
+
+
+def compile_inductor(job):
+    """Compile the template kernel with the signature and launch options Inductor gave it."""
+    import triton
+    from torch._inductor.runtime import triton_heuristics
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    path = job[1]
+    seen = {}
+    real = triton_heuristics.template
+
+    def capture(*args, **kwargs):
+        def deco(fn):
+            seen.update(kwargs, fn=fn)
+            return fn
+        return deco
+
+    triton_heuristics.template = capture
+    try:
+        K.load_module(open(path).read(), False)
+    finally:
+        triton_heuristics.template = real
+    meta = seen["triton_meta"]
+    t = time.time()
+    try:
+        src = ASTSource(fn=seen["fn"], signature=meta["signature"], constexprs=meta.get("constants", {}))
+        c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": seen["num_warps"], "num_stages": seen["num_stages"]})
+        ok, msg = "cubin" in c.asm and len(c.asm["cubin"]) > 0, f"smem={c.metadata.shared}"
+    except Exception as e:  # noqa: BLE001
+        ok, msg = False, f"{type(e).__name__}: {str(e)[:400]}"
+    return ok, f"inductor-{os.path.basename(path)} ({seen['num_warps']}w{seen['num_stages']}s) {time.time() - t:.1f}s {msg}"
+
+
+KINDS = {"forward": specializations, "backward": backward_specializations, "decode": decode_specializations,
+         "inductor": inductor_specializations}
 
 
 def compile_job(job):
+    if job[0] == "inductor":
+        return compile_inductor(job)
     if job[0] == "decode":
         return compile_decode(job)
     if job[0] == "backward":

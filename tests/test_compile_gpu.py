@@ -50,7 +50,7 @@ def test_inductor_cuda_forward_backward(variant, shape, dtype):
         assert_close_to_reference(a, r, lo, dtype, name)
 
 
-@pytest.mark.parametrize("options", [None, {"BACKEND": "MATH"}], ids=["fused_kernel_op", "decomposition"])
+@pytest.mark.parametrize("options", [None, {"BACKEND": "MATH"}], ids=["template", "decomposition"])
 def test_no_full_score_buffer_and_bounded_memory(options):
     from torch._inductor.utils import run_and_get_code
 
@@ -70,10 +70,9 @@ def test_no_full_score_buffer_and_bounded_memory(options):
     full = B * H * S * S
     sizes = [tuple(int(x) for x in s.split(",") if x.strip())
              for s in re.findall(r"empty_strided_cuda\(\(([\d, ]*)\)", "\n".join(code))]
-    if options is None:  # the op allocates its outputs itself
-        assert "inductor_flex.flex_forward" in "\n".join(code)
-    else:  # the decomposition: chunk-sized buffers only
-        assert sizes and max(torch.Size(s).numel() for s in sizes) < full
+    if options is None:  # the template kernel Inductor generated
+        assert "_attn_fwd_inner" in "\n".join(code)
+    assert sizes and max(torch.Size(s).numel() for s in sizes) < full
     assert peak < full * 2  # less than one bf16 S×S score matrix
     ref, _, _ = math_attention(q[:, :, :256].double(), k.double(), v.double(), None, bm[:, :, :2])
     low, _, _ = math_attention(q[:, :, :256], k, v, None, bm[:, :, :2])
@@ -127,9 +126,15 @@ def test_aot_eager_cuda_runs_fused_kernel_fwd_bwd(variant, monkeypatch):
         assert_close_to_reference(a, r, lo, torch.bfloat16, name)
 
 
+@pytest.mark.parametrize("lowering", ["template", "custom_op"])
 @pytest.mark.parametrize("variant", ["causal", "relative_bias", "document"])
-def test_inductor_cuda_graph_calls_the_fused_kernel(variant):
+def test_inductor_cuda_graph_calls_the_fused_kernel(variant, lowering, monkeypatch):
     from torch._inductor.utils import run_and_get_code
+
+    from inductor_flex.lowering import template
+
+    monkeypatch.setattr(template, "ENABLED", lowering == "template")
+    torch._dynamo.reset()
 
     dims = SHAPES["gqa4x2_E64_Ev32"]
     B, Hq, Hkv, Lq, Lkv, E, Ev = dims
@@ -140,7 +145,10 @@ def test_inductor_cuda_graph_calls_the_fused_kernel(variant):
                       backend="inductor", fullgraph=True)
     out, code = run_and_get_code(f, q, k, v)
     text = "\n".join(code)
-    assert "inductor_flex.flex_forward" in text and "def flex_fwd_kernel" in text
+    if lowering == "template":  # Inductor's own kernel: our template with the mods inlined
+        assert "_attn_fwd_inner" in text and "def score_mod(" in text and "inductor_flex.flex_forward" not in text
+    else:
+        assert "inductor_flex.flex_forward" in text and "def flex_fwd_kernel" in text
     ref, _, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
     low, _, _ = math_attention(q, k, v, score_mod, block_mask)
     assert_close_to_reference(out / 2, ref, low, torch.bfloat16, "out")
@@ -169,3 +177,39 @@ def test_inductor_cuda_backward_runs_fused_kernels(variant, monkeypatch):
     low_grads = torch.autograd.grad(math_attention(*leaves, score_mod, block_mask)[0], leaves, g)
     for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
         assert_close_to_reference(a, r, lo, torch.bfloat16, name)
+
+
+@pytest.mark.parametrize("variant", ["noop", "document", "softcap"])
+def test_template_max_autotune(variant):
+    """mode="max-autotune" benchmarks every config of lowering/configs.py through Inductor."""
+    from torch._inductor.utils import run_and_get_code
+
+    dims = (2, 4, 4, 1024, 1024, 64, 64)
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, torch.bfloat16, "cuda")
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda", block=128)
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask),
+                      mode="max-autotune-no-cudagraphs", fullgraph=True)
+    out, code = run_and_get_code(f, q, k, v)
+    assert "_attn_fwd_inner" in "\n".join(code)
+    ref, _, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
+    low, _, _ = math_attention(q, k, v, score_mod, block_mask)
+    assert_close_to_reference(out, ref, low, torch.bfloat16, "out")
+
+
+def test_template_fuses_neighbours():
+    """Pointwise work after the attention is fused into the template's store (one kernel)."""
+    from torch._inductor.utils import run_and_get_code
+
+    dims = SHAPES["Lq50_Lkv97"]
+    q, k, v = make_inputs(dims, torch.float16, "cuda")
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: torch.relu(flex_attention(q, k, v)) * 3, fullgraph=True)
+    out, code = run_and_get_code(f, q, k, v)
+    text = "\n".join(code)
+    assert "_attn_fwd_inner" in text
+    assert text.count("async_compile.triton(") == 1, "the epilogue was not fused into the template"
+    ref, _, _ = math_attention(q.double(), k.double(), v.double())
+    low, _, _ = math_attention(q, k, v)
+    assert_close_to_reference(out, torch.relu(ref) * 3, torch.relu(low) * 3, torch.float16, "out")

@@ -1,0 +1,312 @@
+"""The forward template lowered by Inductor itself (CUDA).
+
+``templates/flex_forward.py.jinja`` is rendered twice here. The first pass, ours, fills its hooks
+with Inductor's template calls instead of printed code: ``def_kernel``/``stride``/``size`` for the
+signature and layouts, ``modification`` (the score_mod / mask_mod subgraphs, lowered by Inductor)
+for the mods, ``store_output`` for the output. The second pass is Inductor's TritonTemplate, which
+autotunes the block-size configs (``lowering/configs.py``: the eager path's candidates, plus a
+wider grid under max-autotune) and puts
+the chosen kernel into the graph's output code next to the model's other kernels.
+
+Which calls come here is decided while AOTAutograd traces the HOP (``takes``): CUDA tensors that
+the eager path would run on the Triton kernel, with mods our printer can translate (the same
+pointwise subset Inductor lowers). Everything else keeps the custom-op / decomposition paths of
+``lowering/kernel_op.py`` and ``lowering/cpu.py``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+
+from inductor_flex import compat
+from inductor_flex.templates import render
+
+from .configs import Config, forward_configs, head_pad, wide_configs
+
+# Off: every forward takes the custom op again (tests compare the two).
+ENABLED = True
+# Devices whose calls come here. CI adds "cpu" with Inductor's Triton CPU backend and runs the
+# generated kernel in Triton's interpreter (tests/test_template_lowering.py).
+DEVICES = ("cuda",)
+
+_FWD_NAMES = ("Q", "K", "V", "LSE", "MAX")
+_BM_NAMES = ("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX")
+_templates: Dict[str, object] = {}
+
+
+# ---- trace time: does this call take the template? ----------------------------------------------
+def takes(query, key, value, score_mod, block_mask, kernel_options, score_bufs, mask_bufs) -> bool:
+    from inductor_flex.kernel import interpreter_enabled
+
+    from .kernel_op import _print_mods, _uses_kernel
+
+    opts = dict(kernel_options or {})
+    if not ENABLED or query.device.type not in DEVICES:
+        return False
+    if query.device.type == "cuda" and interpreter_enabled():
+        return False
+    if opts.get("BACKEND", "AUTO") not in ("AUTO", "TRITON"):
+        return False
+    # (on the CI's CPU device the kernel is only ever the interpreter's: ask as BACKEND "TRITON")
+    if not _uses_kernel(query, key, value, block_mask, {**opts, "BACKEND": "TRITON"}):
+        return False
+    if any(not isinstance(b, torch.Tensor) for b in (*score_bufs, *mask_bufs)):
+        return False  # a captured symbolic int: the custom op / decomposition handle it
+    with compat.disable_current_modes():
+        return _print_mods(score_mod, block_mask, score_bufs, mask_bufs, query.device, False, opts) is not None
+
+
+# ---- stage one: our hooks, filled with Inductor's template calls --------------------------------
+def _mod_helper(name: str, number: int, with_score: bool) -> str:
+    params = "score, b, h, q_idx, kv_idx" if with_score else "b, h, q_idx, kv_idx"
+    fixed = 'score="score", ' if with_score else ""
+    shapes = ""
+    if compat.modification_takes_shapes():
+        shapes = (', input_shapes={"score": ("BLOCK_M", "BLOCK_N"), "m": ("BLOCK_M", "1"), "n": ("1", "BLOCK_N")}'
+                  if with_score else ', input_shapes={"m": ("BLOCK_M", "1"), "n": ("1", "BLOCK_N")}')
+        shapes += ', input_dtypes={"b": "index", "h": "index", "m": "index", "n": "index"}'
+    return (
+        "@triton.jit\n"
+        f"def {name}({params}, {{{{gen_argdefs()}}}}):\n"
+        "    {{gen_defines() | indent_except_first(1)}}\n"
+        "    # rows / columns past the end of a tile are discarded later; keep their indices in range\n"
+        "    # because Inductor's loads of captured tensors are not masked\n"
+        '    m = q_idx % {{size("Q", 2)}}\n'
+        '    n = kv_idx % {{size("K", 2)}}\n'
+        f'    {{{{modification(subgraph_number={number}, output_name="mod_out", {fixed}b="b", h="h", m="m", n="n"'
+        f"{shapes}) | indent_except_first(1)}}}}\n"
+        "    return mod_out\n"
+    )
+
+
+def _kernel_def(dense: bool, bm_strides, qk_scale: float) -> str:
+    names = _FWD_NAMES if dense else _FWD_NAMES + _BM_NAMES
+    lines = [
+        "{{def_kernel(%s)}}" % ", ".join(f'"{n}"' for n in names),
+        '    stride_qb, stride_qh, stride_qm, stride_qd = {{stride("Q")}}',
+        '    stride_kb, stride_kh, stride_kn, stride_kd = {{stride("K")}}',
+        '    stride_vb, stride_vh, stride_vn, stride_vd = {{stride("V")}}',
+        f"    stride_nb, stride_nh, stride_nm = {bm_strides[0]}",
+        f"    stride_ib, stride_ih, stride_im = {bm_strides[1]}",
+        '    Q_LEN = {{size("Q", 2)}}',
+        '    KV_LEN = {{size("K", 2)}}',
+        '    HQ = {{size("Q", 1)}}',
+        '    GQA_GROUP = {{size("Q", 1)}} // {{size("K", 1)}}',
+        f"    qk_scale = {qk_scale!r}",
+    ]
+    if dense:  # the sparse branch is compiled out; its names still need a value
+        lines += [f"    {n} = LSE" for n in _BM_NAMES]
+    return "\n".join(lines)
+
+
+def _bm_strides(nodes, dense: bool):
+    """The stride expressions of the (num, indices) BlockMask tensors; 0 along broadcast dims."""
+    if dense:
+        return "0, 0, 0", "0, 0, 0"
+    out = []
+    for name, node in zip(("KV_NUM", "KV_IDX"), nodes):
+        size = node.get_size()
+        parts = ["0" if _is_one(size[d]) else f'{{{{stride("{name}", {d})}}}}' for d in range(3)]
+        out.append(", ".join(parts))
+    return tuple(out)
+
+
+def _is_one(expr) -> bool:
+    try:
+        return int(expr) == 1
+    except TypeError:
+        return False
+
+
+def _template(dense: bool, bm_strides, qk_scale: float):
+    from inductor_flex.printer import HELPERS
+
+    source = render(
+        "flex_forward.py.jinja",
+        inductor=True,
+        description="score_mod / mask_mod lowered by Inductor",
+        helpers=HELPERS,
+        kernel_def=_kernel_def(dense, bm_strides, qk_scale),
+        score_mod_source=_mod_helper("score_mod", 0, True),
+        mask_mod_source=_mod_helper("mask_mod", 1, False),
+        mod_params="{{gen_argdefs()}}, ",
+        mod_args="{{gen_argdefs()}}, ",
+        score_mod_args="{{gen_argdefs()}}",
+        mask_mod_args="{{gen_argdefs()}}",
+        store_output='{{store_output(("idx_b", "idx_h", "idx_m", "idx_d"), "acc", "o_mask"%s)}}' % (
+            ', val_shape=("BLOCK_M", "V_PAD")' if compat.store_output_takes_shape() else ""),
+    )
+    import hashlib
+
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    tmpl = _templates.get(digest)
+    if tmpl is None:
+        _, _, SymbolicGridFn, _ = compat.inductor_template_api()
+        tmpl = compat.new_triton_template(f"inductor_flex_fwd_{digest}", SymbolicGridFn(_grid), source)
+        _templates[digest] = tmpl
+    return tmpl
+
+
+def _grid(batch, heads, q_len, v_head, meta, *, cdiv):
+    return (cdiv(q_len, meta["BLOCK_M"]), batch * heads, 1)
+
+
+# ---- the lowering ------------------------------------------------------------------------------
+def _placeholder(name: str, dtype: torch.dtype, device):
+    ir = compat.inductor_ir()
+    return ir.TensorBox.create(ir.InputBuffer(name=name, layout=ir.FixedLayout(device, dtype, [], [])))
+
+
+def _subgraph_buffer(gm, args):
+    """The subgraph's single output as the ComputedBuffer a template's modification() inlines."""
+    ir = compat.inductor_ir()
+    out = compat.lower_subgraph(gm, args)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    if not isinstance(out, ir.TensorBox) or not isinstance(out.data, ir.StorageBox):
+        raise NotImplementedError(f"inductor_flex: a mod lowered to {type(out).__name__}, expected a pointwise value")
+    return ir.ComputedBuffer(
+        name=None,
+        layout=ir.FlexibleLayout(device=out.data.get_device(), dtype=out.data.get_dtype(), size=out.data.get_size()),
+        data=out.data.data,
+    )
+
+
+def _exp_tanh(gm):
+    """``gm`` with aten.tanh as exp(-2|x|): Inductor lowers tanh to libdevice.tanh, which made the
+    compiled softcap forward run at 212 TFLOP/s against 333 for the eager kernel's exp form (H100)."""
+    aten = torch.ops.aten
+    if not any(n.target is aten.tanh.default for n in gm.graph.nodes):
+        return gm
+    import copy
+
+    gm = copy.deepcopy(gm)
+    g = gm.graph
+    for node in [n for n in g.nodes if n.target is aten.tanh.default]:
+        x = node.args[0]
+        with g.inserting_before(node):
+            e = g.call_function(aten.exp.default, (g.call_function(aten.mul.Tensor, (
+                g.call_function(aten.abs.default, (x,)), -2.0)),))
+            t = g.call_function(aten.div.Tensor, (g.call_function(aten.add.Tensor, (g.call_function(aten.neg.default, (e,)), 1.0)),
+                                                  g.call_function(aten.add.Tensor, (e, 1.0))))
+            neg = g.call_function(aten.lt.Scalar, (x, 0.0))
+            out = g.call_function(aten.where.self, (neg, g.call_function(aten.neg.default, (t,)), t))
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def _is_identity(gm) -> bool:
+    nodes = list(gm.graph.nodes)
+    first = next(n for n in nodes if n.op == "placeholder")
+    out = next(n for n in nodes if n.op == "output")
+    res = out.args[0]
+    res = res[0] if isinstance(res, (list, tuple)) and len(res) == 1 else res
+    return res is first
+
+
+def _block_mask_inputs(block_mask, device):
+    """kv_num, kv_idx, full_num, full_idx as contiguous buffers (full ones zero when absent)."""
+    ir = compat.inductor_ir()
+    kv_num, kv_idx, full_num, full_idx = block_mask[2:6]
+    has_full = full_num is not None
+    if not has_full:
+        full = compat.inductor_lowering(torch.ops.aten.full.default)
+        full_num = full(list(kv_num.get_size()), 0, dtype=torch.int32, device=device)
+        full_idx = full(list(kv_idx.get_size()[:3]) + [1], 0, dtype=torch.int32, device=device)
+    nodes = [ir.ExternKernel.require_contiguous(x) for x in (kv_num, kv_idx, full_num, full_idx)]
+    return compat.inductor_realize(*nodes), has_full
+
+
+def _fake_num_blocks(kv_len: int, kv_bs: int):
+    def gen(node):
+        size = [compat.size_hint(s) for s in node.get_size()]
+        return torch.full(size, (kv_len + kv_bs - 1) // kv_bs, dtype=torch.int32, device=node.get_device())
+
+    return gen
+
+
+def _fake_indices(node):
+    size = [compat.size_hint(s) for s in node.get_size()]
+    return torch.arange(size[-1], dtype=torch.int32, device=node.get_device()).expand(size).contiguous()
+
+
+def _fake_zeros(node):
+    return torch.zeros([compat.size_hint(s) for s in node.get_size()], dtype=torch.int32, device=node.get_device())
+
+
+def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_options, score_bufs, mask_bufs):
+    """Inductor lowering of flex_attention_hop -> (out, lse, max_scores)."""
+    ir = compat.inductor_ir()
+    query, key, value = compat.inductor_realize(query, key, value)
+    score_bufs = compat.inductor_realize(*score_bufs)
+    mask_bufs = compat.inductor_realize(*mask_bufs)
+    device, dtype = query.get_device(), query.get_dtype()
+    B, Hq, Lq, E = query.get_size()
+    Lkv = key.get_size()[2]
+    Ev = value.get_size()[3]
+    E, Ev = compat.static_int(E), compat.static_int(Ev)  # constexprs: a new head dim recompiles
+    opts = dict(kernel_options or {})
+
+    idx = [_placeholder(n, torch.int32, device) for n in ("b", "h", "m", "n")]
+    score_gm, mask_gm = _exp_tanh(score_mod.graph_module), block_mask[12].graph_module
+    has_score_mod = not _is_identity(score_gm)
+    score_buf = _subgraph_buffer(score_gm, [_placeholder("score", torch.float32, device), *idx, *score_bufs])
+    mask_buf = _subgraph_buffer(mask_gm, [*idx, *mask_bufs])
+
+    dense = block_mask[2] is None
+    inputs = [query, key, value]
+    empty_strided = compat.inductor_lowering(torch.ops.aten.empty_strided.default)
+    lse = empty_strided([B, Hq, Lq], None, dtype=torch.float32, device=device)
+    mx = empty_strided([B, Hq, Lq], None, dtype=torch.float32, device=device)
+    inputs += [lse, mx]
+    gen = {}
+    if dense:
+        sparse = (128, 128)
+        has_full, bm_nodes = False, []
+    else:
+        sparse = (compat.static_int(block_mask[10]), compat.static_int(block_mask[11]))
+        bm_nodes, has_full = _block_mask_inputs(block_mask, device)
+        kv_hint = compat.size_hint(Lkv)
+        gen = {5: _fake_num_blocks(kv_hint, sparse[1]), 6: _fake_indices, 7: _fake_zeros, 8: _fake_indices}
+    inputs += bm_nodes
+
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    qk_scale = scale if has_score_mod else scale * 1.4426950408889634
+    tmpl = _template(dense, _bm_strides(bm_nodes[:2], dense), qk_scale)
+
+    layout = ir.FixedLayout(device, dtype, [B, Hq, Lq, Ev], ir.FlexibleLayout.contiguous_strides([B, Hq, Lq, Ev]))
+    configs = forward_configs(E, Ev, dtype, sparse, device, interpret=device.type == "cpu")
+    pinned = [k for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in opts]
+    if pinned:
+        if len(pinned) < 4:
+            raise ValueError("under torch.compile, pin a kernel config with all of BLOCK_M, BLOCK_N, num_warps and "
+                             "num_stages (or none)")
+        configs = [Config(int(opts["BLOCK_M"]), int(opts["BLOCK_N"]), int(opts["num_warps"]), int(opts["num_stages"]))]
+    elif compat.inductor_max_autotune():
+        configs = configs + [c for c in wide_configs(E, Ev, dtype, sparse, device) if c not in configs]
+
+    choices, error = [], None
+    for cfg in configs:
+        even_n = compat.known_multiple_of(Lkv, cfg.BLOCK_N if dense else sparse[1])
+        error = tmpl.maybe_append_choice(
+            choices,
+            input_nodes=inputs,
+            layout=layout,
+            subgraphs=[score_buf, mask_buf],
+            mutated_inputs=[lse, mx],
+            call_sizes=[B, Hq, Lq, Ev],
+            num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps,
+            HAS_SCORE_MOD=has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPARSE_Q=sparse[0], SPARSE_KV=sparse[1],
+            EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M), EVEN_N=even_n,
+            DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"', DENSE=dense, HAS_FULL=has_full,
+        ) or error
+    if not choices:
+        raise RuntimeError(f"inductor_flex: no forward template config could be generated: {error}")
+    out = compat.select_template("inductor_flex_forward", choices, inputs + list(score_bufs) + list(mask_bufs),
+                                 layout, gen)
+    return out, lse, mx
