@@ -52,6 +52,17 @@ def assert_close_to_reference(actual, ref64, ref_lowp, dtype, name="out"):
     return err, ref_err
 
 
+def assert_grads_close(q, k, v, grads, grad_out, score_mod, block_mask, dtype):
+    """(dq, dk, dv) against the float64 reference's gradients for ``grad_out``, the same-dtype math
+    path's gradients being the error yardstick."""
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = torch.autograd.grad(math_attention(*leaves64, score_mod, block_mask)[0], leaves64, grad_out.double())
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    low = torch.autograd.grad(math_attention(*leaves, score_mod, block_mask)[0], leaves, grad_out)
+    for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref, low):
+        assert_close_to_reference(a, r, lo, dtype, name)
+
+
 def compile_counter(backend="inductor"):
     """A fresh Dynamo state and a counter of the frames compiled with ``backend``."""
     import torch._dynamo

@@ -11,7 +11,7 @@ from inductor_flex import create_block_mask, flex_attention
 from inductor_flex.reference import math_attention
 
 from cases import SHAPES, make_inputs, make_variant
-from conftest import HAS_CUDA, assert_close_to_reference, record_calls
+from conftest import HAS_CUDA, assert_close_to_reference, assert_grads_close, record_calls
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
@@ -38,16 +38,12 @@ def test_inductor_cuda_forward_backward(variant, shape, dtype):
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
 
-    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    ref_out, ref_lse, _ = math_attention(*leaves64, score_mod, block_mask)
-    ref_grads = torch.autograd.grad(ref_out, leaves64, g.double())
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    low_out, low_lse, _ = math_attention(*leaves, score_mod, block_mask)
-    low_grads = torch.autograd.grad(low_out, leaves, g)
+    ref_out, ref_lse, _ = math_attention(q.detach().double(), k.detach().double(), v.detach().double(),
+                                         score_mod, block_mask)
+    low_out, low_lse, _ = math_attention(q.detach(), k.detach(), v.detach(), score_mod, block_mask)
     assert_close_to_reference(out, ref_out, low_out, dtype, "out")
     assert_close_to_reference(lse, ref_lse, low_lse, dtype, "lse")
-    for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
-        assert_close_to_reference(a, r, lo, dtype, name)
+    assert_grads_close(q, k, v, grads, g, score_mod, block_mask, dtype)
 
 
 @pytest.mark.parametrize("options", [None, {"BACKEND": "MATH"}], ids=["template", "decomposition"])
@@ -115,15 +111,11 @@ def test_aot_eager_cuda_runs_fused_kernel_fwd_bwd(variant, monkeypatch):
     assert launched and "def flex_fwd_kernel" in launched[0]
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
-    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    ref_out, _, _ = math_attention(*leaves64, score_mod, block_mask)
-    ref_grads = torch.autograd.grad(ref_out, leaves64, g.double())
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    low_out, _, _ = math_attention(*leaves, score_mod, block_mask)
-    low_grads = torch.autograd.grad(low_out, leaves, g)
+    ref_out, _, _ = math_attention(q.detach().double(), k.detach().double(), v.detach().double(),
+                                   score_mod, block_mask)
+    low_out, _, _ = math_attention(q.detach(), k.detach(), v.detach(), score_mod, block_mask)
     assert_close_to_reference(out, ref_out, low_out, torch.bfloat16, "out")
-    for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
-        assert_close_to_reference(a, r, lo, torch.bfloat16, name)
+    assert_grads_close(q, k, v, grads, g, score_mod, block_mask, torch.bfloat16)
 
 
 @pytest.mark.parametrize("lowering", ["template", "custom_op"])
@@ -171,12 +163,7 @@ def test_inductor_cuda_backward_runs_fused_kernels(variant, monkeypatch):
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     assert len(calls) == 1
-    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    ref_grads = torch.autograd.grad(math_attention(*leaves64, score_mod, block_mask)[0], leaves64, g.double())
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    low_grads = torch.autograd.grad(math_attention(*leaves, score_mod, block_mask)[0], leaves, g)
-    for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
-        assert_close_to_reference(a, r, lo, torch.bfloat16, name)
+    assert_grads_close(q, k, v, grads, g, score_mod, block_mask, torch.bfloat16)
 
 
 @pytest.mark.parametrize("variant", ["noop", "document", "softcap"])

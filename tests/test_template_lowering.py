@@ -12,7 +12,8 @@ from inductor_flex.kernel import load_module
 from inductor_flex.lowering import template
 
 from cases import SHAPES, make_inputs, make_variant
-from conftest import assert_close_to_reference, compile_counter, reference64, reference_same_dtype
+from conftest import (assert_close_to_reference, assert_grads_close, compile_counter, reference64,
+                      reference_same_dtype)
 
 
 class _InterpreterLibdevice:
@@ -152,14 +153,7 @@ def test_backward_after_template_forward(interpreted_inductor):
     out, lse = fn(q, k, v)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
-    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    ref_out, _, _ = reference64(*leaves64, score_mod, block_mask)
-    ref_grads = torch.autograd.grad(ref_out, leaves64, g.double())
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    low_out, _, _ = reference_same_dtype(*leaves, score_mod, block_mask)
-    low_grads = torch.autograd.grad(low_out, leaves, g)
-    for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
-        assert_close_to_reference(a, r, lo, torch.float32, name)
+    assert_grads_close(q, k, v, grads, g, score_mod, block_mask, torch.float32)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite compiles these for real")
