@@ -90,6 +90,17 @@ def test_no_full_score_matrix_in_generated_code(monkeypatch):
     assert "higher_order.inductor_flex_attention(" not in "\n".join(code)
 
 
+def _document_step(L):
+    """q, k, v, a document-causal BlockMask and a learnable bias table for length L."""
+    g = torch.Generator().manual_seed(L)
+    ids = torch.sort(torch.randint(0, 5, (L,), generator=g)).values
+    bm = create_block_mask(generate_doc_mask_mod(generate_causal_mask(), ids), None, None, L, L, device="cpu",
+                           BLOCK_SIZE=16)
+    table = torch.randn(2, 2 * L - 1, requires_grad=True)
+    q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu", requires_grad=True)
+    return q, k, v, bm, table
+
+
 def test_inductor_dynamic_lengths_fwd_bwd_no_recompile():
     def attn(q, k, v, bm, table):
         def rel_bias(score, b, h, q_idx, kv_idx):
@@ -100,12 +111,7 @@ def test_inductor_dynamic_lengths_fwd_bwd_no_recompile():
     cnt = compile_counter()
     compiled = torch.compile(attn, backend=cnt, fullgraph=True, dynamic=True)
     for L in (40, 57, 72):
-        g = torch.Generator().manual_seed(L)
-        ids = torch.sort(torch.randint(0, 5, (L,), generator=g)).values
-        bm = create_block_mask(generate_doc_mask_mod(generate_causal_mask(), ids), None, None, L, L, device="cpu",
-                               BLOCK_SIZE=16)
-        table = torch.randn(2, 2 * L - 1, requires_grad=True)
-        q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu", requires_grad=True)
+        q, k, v, bm, table = _document_step(L)
         out = compiled(q, k, v, bm, table)
         grads = torch.autograd.grad(out.sum(), (q, k, v, table))
         ref_grads = torch.autograd.grad(attn(q, k, v, bm, table).sum(), (q, k, v, table))
@@ -171,12 +177,7 @@ def test_fused_kernel_graph_dynamic_lengths_and_backward():
     cnt = compile_counter()
     compiled = torch.compile(attn, backend=cnt, fullgraph=True, dynamic=True)
     for L in (40, 57):
-        g = torch.Generator().manual_seed(L)
-        ids = torch.sort(torch.randint(0, 5, (L,), generator=g)).values
-        bm = create_block_mask(generate_doc_mask_mod(generate_causal_mask(), ids), None, None, L, L, device="cpu",
-                               BLOCK_SIZE=16)
-        table = torch.randn(2, 2 * L - 1, requires_grad=True)
-        q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu", requires_grad=True)
+        q, k, v, bm, table = _document_step(L)
         if L == 40:
             out, code = run_and_get_code(compiled, q, k, v, bm, table)
             assert _kernel_in(code)

@@ -69,17 +69,23 @@ def test_fake_tensor_shapes(dtype):
     assert lse.shape == mx.shape == (2, 4, L) and lse.dtype == mx.dtype == stats
 
 
-def test_make_fx_turns_mods_into_subgraphs():
-    L = 40
-    bm, bm_t, table, bias_mod, mask_bufs = _setup(L)
-    q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu")
-    tensors = [x for x in bm_t if isinstance(x, torch.Tensor)]
-
+def _hop_taking_tensors(bm_t, bias_mod):
+    """The HOP call as a function of tensors only (what make_fx traces): the BlockMask tuple's
+    tensors come in as trailing arguments, in order."""
     def f(q, k, v, table, ids_t, offsets, *bm_tensors):
         it = iter(bm_tensors)
         bmx = tuple(next(it) if isinstance(x, torch.Tensor) else x for x in bm_t)
         return flex_attention_hop(q, k, v, bias_mod, bmx, None, {}, (table,), (ids_t, offsets))
 
+    return f
+
+
+def test_make_fx_turns_mods_into_subgraphs():
+    L = 40
+    bm, bm_t, table, bias_mod, mask_bufs = _setup(L)
+    q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu")
+    tensors = [x for x in bm_t if isinstance(x, torch.Tensor)]
+    f = _hop_taking_tensors(bm_t, bias_mod)
     gm = make_fx(f, tracing_mode="fake")(q, k, v, table, *mask_bufs, *tensors)
     (node,) = [n for n in gm.graph.nodes if n.target is flex_attention_hop]
     score_gm = getattr(gm, node.args[3].target)
@@ -101,10 +107,8 @@ def test_functionalized_trace_runs():
 
     tensors = [x for x in bm_t if isinstance(x, torch.Tensor)]
 
-    def f(q, k, v, table, ids_t, offsets, *bm_tensors):
-        it = iter(bm_tensors)
-        bmx = tuple(next(it) if isinstance(x, torch.Tensor) else x for x in bm_t)
-        return flex_attention_hop(q, k, v, bias_mod, bmx, None, {}, (table,), (ids_t, offsets))[0]
+    def f(*args):
+        return _hop_taking_tensors(bm_t, bias_mod)(*args)[0]
 
     args = (q, k, v, table, *mask_bufs, *tensors)
     gm = make_fx(torch.func.functionalize(f), tracing_mode="fake")(*args)
