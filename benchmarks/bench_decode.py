@@ -7,6 +7,8 @@ Metric: K+V bytes read per second = 2 * B * Hkv * S_kv * D * 2 bytes / time (hig
 Peers
   ours_eager        inductor_flex.flex_attention (AUTO picks the decode kernel), called from Python
   ours_graph        the same call captured in a CUDA graph: kernel time without Python overhead
+  ours_compiled     torch.compile(inductor_flex.flex_attention): the decode op inside a compiled graph
+  ours_compiled_graph  the compiled call captured in a CUDA graph
   ours_paged_eager  over a PagedKVCache pool with shuffled pages (converted BlockMask)
   ours_paged_graph  the same, CUDA graph
   torch_flex        torch.compile(torch.nn.attention.flex_attention) - a comparison only
@@ -35,13 +37,15 @@ from inductor_flex import create_block_mask, flex_attention  # noqa: E402
 from inductor_flex import decode as D  # noqa: E402
 from inductor_flex.paged import PagedKVCache  # noqa: E402
 
-PEERS = ("ours_eager", "ours_graph", "ours_paged_eager", "ours_paged_graph", "torch_flex", "sdpa")
+PEERS = ("ours_eager", "ours_graph", "ours_compiled", "ours_compiled_graph", "ours_paged_eager", "ours_paged_graph",
+         "torch_flex", "sdpa")
+HOST_TIMED = ("ours_eager", "ours_compiled", "ours_paged_eager")
 
 
 def bench_ms(fn) -> float:
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=200)
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def graph_of(fn):
@@ -79,6 +83,13 @@ def run_shape(S, B, Hq, Hkv, Dh, page_size, torch_flex_ok):
 
     fns["ours_eager"] = ours
     fns["ours_graph"] = lambda: graph_of(ours)
+
+    def ours_compiled():
+        compiled = torch.compile(flex_attention, fullgraph=True)
+        return lambda: compiled(q, k, v, enable_gqa=True)
+
+    fns["ours_compiled"] = ours_compiled
+    fns["ours_compiled_graph"] = lambda: graph_of(ours_compiled())
 
     # paged pool with shuffled pages: the same K/V, scattered
     n_pages = B * (S // page_size)
@@ -131,7 +142,7 @@ def run_shape(S, B, Hq, Hkv, Dh, page_size, torch_flex_ok):
                     raise AssertionError(f"max error {err:.3e} vs fp32 SDPA")
             ms = bench_ms(call)
             entry = {"ms": ms, "TB/s": nbytes / (ms * 1e-3) / 1e12}
-            if peer in ("ours_eager", "ours_paged_eager"):
+            if peer in HOST_TIMED:
                 entry["host_us_per_call"] = host_us(call)
             res[peer] = entry
         except Exception as e:  # noqa: BLE001
@@ -167,6 +178,29 @@ def to_markdown(meta, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep(S, B, Hq, Hkv, Dh, splits):
+    """CUDA-graph time of the decode kernel for every (tile config, split) pinned through kernel_options."""
+    from inductor_flex.lowering.decode_configs import decode_configs
+
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(B, Hq, 1, Dh, dtype=dt, device=dev)
+    k = torch.randn(B, Hkv, S, Dh, dtype=dt, device=dev)
+    v = torch.randn(B, Hkv, S, Dh, dtype=dt, device=dev)
+    nbytes = 2 * B * Hkv * S * Dh * 2
+    rows = []
+    for cfg in decode_configs(Dh, Dh, dt, 128, q.device):
+        for split in splits:
+            opts = {"BACKEND": "TRITON_DECODE", "BLOCK_N": cfg.BLOCK_N, "num_warps": cfg.num_warps,
+                    "num_stages": cfg.num_stages, "SPLIT_KV": split}
+            try:
+                ms = bench_ms(graph_of(lambda: flex_attention(q, k, v, enable_gqa=True, kernel_options=opts)))
+                rows.append({"S": S, "config": str(cfg), "split": split, "ms": ms, "TB/s": nbytes / (ms * 1e-3) / 1e12})
+            except Exception as e:  # noqa: BLE001
+                rows.append({"S": S, "config": str(cfg), "split": split, "error": f"{type(e).__name__}: {e}"[:200]})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results", help="directory or .json path")
@@ -178,6 +212,8 @@ def main():
     ap.add_argument("--page-size", type=int, default=128)
     ap.add_argument("--no-torch-flex", action="store_true")
     ap.add_argument("--max-seconds", type=float, default=240, help="skip torch_flex compiles past this")
+    ap.add_argument("--sweep", default="", help="comma-separated split counts: time every tile config x split "
+                    "(CUDA graph) instead of the peers, e.g. --sweep 2,4,5,8,16,32")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_decode.py needs a CUDA GPU")
@@ -191,6 +227,12 @@ def main():
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "B": args.batch, "Hq": args.hq, "Hkv": args.hkv, "D": args.dim, "page_size": args.page_size}
+    if args.sweep:
+        splits = [int(x) for x in args.sweep.split(",")]
+        rows = [r for S in args.seqs.split(",") for r in sweep(int(S), args.batch, args.hq, args.hkv, args.dim, splits)]
+        with open(out[:-5] + "_sweep.json", "w") as f:
+            json.dump({"meta": meta, "sweep": rows}, f, indent=1)
+        return
     rows = []
     t0 = time.time()
     for S in [int(s) for s in args.seqs.split(",")]:

@@ -259,6 +259,15 @@ def disable_current_modes():
     return _private("torch.utils._python_dispatch", "_disable_current_modes", "dispatch-mode suspension")()
 
 
+def raw_stream(device: torch.device) -> int:
+    """The current CUDA stream's handle (torch._C._cuda_getCurrentRawStream: no Stream object, ~10x
+    cheaper than torch.cuda.current_stream(), which matters on the decode path)."""
+    fn = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if fn is None:
+        return torch.cuda.current_stream(device).cuda_stream
+    return fn(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def make_fx(fn, tracing_mode: str = "real"):
     from torch.fx.experimental.proxy_tensor import make_fx as _make_fx
 

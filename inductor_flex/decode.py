@@ -20,10 +20,12 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import compat
 from .block_mask import BlockMask
 from .kernel import (
     _block_mask_args, _default_block_mask, _printed_mod, interpreter_enabled, load_module, template_hooks,
 )
+from .printer import PrintedMod
 
 from inductor_flex.lowering.configs import head_pad, next_pow2
 from inductor_flex.lowering.decode_configs import (
@@ -91,20 +93,25 @@ def _attributes(obj, names) -> tuple:
 
 
 # ---- support --------------------------------------------------------------------------------------
-def decode_supports(query, key, value, block_mask: Optional[BlockMask]) -> Optional[str]:
-    """None if the decode kernel handles this call, else the reason it cannot."""
+def decode_supports(query, key, value, block_size: Optional[tuple]) -> Optional[str]:
+    """None if the decode kernel handles this call, else the reason it cannot. block_size: the
+    BlockMask's (q, kv) BLOCK_SIZE, None without a BlockMask."""
     for name, d in (("query/key head dim", query.shape[-1]), ("value head dim", value.shape[-1])):
         if d > 256:
             return f"{name} {d} > 256"
     Lq = query.shape[2]
-    q_bs = block_mask.BLOCK_SIZE[0] if block_mask is not None else 128
-    if block_mask is not None and block_mask.BLOCK_SIZE[1] % 16:
-        return f"BlockMask kv BLOCK_SIZE {block_mask.BLOCK_SIZE[1]} is not a multiple of 16"
+    q_bs = block_size[0] if block_size is not None else 128
+    if block_size is not None and block_size[1] % 16:
+        return f"BlockMask kv BLOCK_SIZE {block_size[1]} is not a multiple of 16"
     if Lq > q_bs:
         return f"query length {Lq} spans more than one BlockMask q block ({q_bs})"
     if Lq > MAX_ROWS:
         return f"query length {Lq} > {MAX_ROWS}"
     return None
+
+
+def _block_size(block_mask: Optional[BlockMask]) -> Optional[tuple]:
+    return block_mask.BLOCK_SIZE if block_mask is not None else None
 
 
 def _heads_per_program(group: int, Lq: int, mask_heads: int) -> int:
@@ -122,7 +129,10 @@ def _heads_per_program(group: int, Lq: int, mask_heads: int) -> int:
 class DecodePlan:
     """Everything a decode launch needs that does not change from one step to the next."""
 
-    def __init__(self, query, key, value, score_mod, mask_mod, block_size, mask_heads, opts):
+    def __init__(self, query, key, value, score: PrintedMod, mask: PrintedMod, has_score_mod: bool, block_size,
+                 mask_heads: int, opts: dict, dense: bool = False, source: Optional[str] = None):
+        """score / mask: the printed mods (their tensors are the ones launches pass); source: the
+        rendered module when the caller rendered it already (the compiled op renders at trace time)."""
         self.device = query.device
         self.interpret = interpreter_enabled()
         if query.dtype == torch.float64:
@@ -131,11 +141,8 @@ class DecodePlan:
         if self.device.type not in ("cuda", "cpu"):
             raise ValueError(
                 f"the Triton kernel runs on CUDA tensors (or CPU under the interpreter), got {self.device}")
-        self.fast_tanh = bool(opts.get("FAST_TANH", False)) and not self.interpret
-        self.score = _printed_mod(score_mod, "score_mod", self.device, self.fast_tanh)
-        self.mask = _printed_mod(mask_mod, "mask_mod", self.device, False)
-        self.has_score_mod = score_mod is not None
-        self.source = self._render()
+        self.score, self.mask, self.has_score_mod = score, mask, has_score_mod
+        self.source = source if source is not None else self._render()
         B, Hq, Lq, E = query.shape
         Hkv, Lkv, Ev = key.shape[1], key.shape[2], value.shape[-1]
         self.group = Hq // Hkv
@@ -150,8 +157,10 @@ class DecodePlan:
         self.constexprs = dict(
             HAS_SCORE_MOD=self.has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
             HEADS=self.heads, BLOCK_M=self.block_m, SPARSE_KV=self.sparse_kv, EVEN_N=Lkv % self.sparse_kv == 0,
-            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", DENSE=dense,
         )
+        self.counters: Dict[int, torch.Tensor] = {}  # per stream, see _counter
+        self.spare_counters: list = []
         self.module = None
         self.config: Optional[DecodeConfig] = None
         self.split: Optional[int] = None
@@ -201,13 +210,18 @@ def get_plan(query, key, value, score_mod, block_mask: Optional[BlockMask], opts
     k = (
         _fingerprint(score_mod), _fingerprint(mask_mod), tuple(query.shape), tuple(key.shape),
         tuple(value.shape), query.dtype, query.device, block_size, mask_heads, _interpreting(),
-        tuple(sorted(opts.items())),
+        tuple(sorted(opts.items())), block_mask is None,
     )
     plan = _plans.get(k)
     if plan is not None:
         stats["plan_hits"] += 1
         return plan
-    plan = DecodePlan(query, key, value, score_mod, mask_mod, block_size, mask_heads, opts)
+    fast_tanh = bool(opts.get("FAST_TANH", False)) and not interpreter_enabled()
+    score = _printed_mod(score_mod, "score_mod", query.device, fast_tanh)
+    mask = _printed_mod(mask_mod, "mask_mod", query.device, False)
+    # without a BlockMask the kernel walks the kv range densely (no block-index loads)
+    plan = DecodePlan(query, key, value, score, mask, score_mod is not None, block_size, mask_heads, opts,
+                      dense=block_mask is None)
     stats["plans"] += 1
     if len(_plans) > 256:
         _plans.clear()
@@ -234,42 +248,57 @@ def _launch(plan: DecodePlan, module, query, key, value, bm: BlockMask, scale: f
     kv_num, kv_idx, full_num, full_idx = _mask_args(plan, bm, B, Hq)
     qk_scale = scale if plan.has_score_mod else scale * 1.4426950408889634
     mod_args = plan.score.args_for(plan.score.tensors) + plan.mask.args_for(plan.mask.tensors)
-    if split == 1:
-        dst, dst_lse, dst_max = out, lse, mx
-        o_strides = (out.stride(0), out.stride(1), 0, out.stride(2), out.stride(3))
-    else:
-        dst, dst_lse, dst_max = part
-        o_strides = dst.stride()
-    grid = (split, plan.programs)
-    module.flex_decode_kernel[grid](
-        query, key, value, dst, dst_lse, dst_max, kv_num, kv_idx, full_num, full_idx,
-        *query.stride(), *key.stride(), *value.stride(), *o_strides,
+    rows = B * Hq * Lq
+    merge = split > 1
+    counter = _counter(plan, query) if merge else lse
+    module.flex_decode_kernel[(split, plan.programs)](
+        query, key, value, out, lse, mx, part if merge else lse, counter,
+        kv_num, kv_idx, full_num, full_idx,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         kv_num.stride(0), kv_num.stride(1), kv_idx.stride(0), kv_idx.stride(1),
-        qk_scale, Lq, Lkv, Hq, Hq // Hkv, split,
+        qk_scale, Lq, Lkv, Hq, Hq // Hkv, split, rows * split * Ev, rows * split * (Ev + 1),
         *mod_args,
-        **plan.constexprs, BLOCK_N=cfg.BLOCK_N,
+        **plan.constexprs, BLOCK_N=cfg.BLOCK_N, MERGE=merge,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split > 1:
-        module.flex_decode_reduce[(B * Hq * Lq,)](
-            dst, dst_lse, dst_max, out, lse, mx, *out.stride(), Lq, Hq, split,
-            V_HEAD=Ev, V_PAD=head_pad(Ev), SPLIT_PAD=next_pow2(split), num_warps=4,
-        )
+
+
+# zeroed counter rows a plan allocates at once: the streams it will meet (the default stream, a
+# CUDA graph's capture stream, a side stream) take one each without allocating or zeroing later
+_COUNTER_ROWS = 4
+
+
+def _counter(plan: DecodePlan, query) -> torch.Tensor:
+    """Per-group arrival counters of the in-kernel merge. The last share of a group resets its
+    counter, so a zeroed row serves every launch on one stream; each stream gets its own row
+    (launches on two streams may overlap)."""
+    if query.device.type != "cuda":
+        return torch.zeros(plan.programs, dtype=torch.int32, device=query.device)
+    stream = compat.raw_stream(query.device)
+    counter = plan.counters.get(stream)
+    if counter is not None:
+        return counter
+    capturing = torch.cuda.is_current_stream_capturing()
+    if not plan.spare_counters and not capturing:
+        plan.spare_counters = list(torch.zeros(_COUNTER_ROWS, plan.programs, dtype=torch.int32, device=query.device))
+    if not plan.spare_counters:
+        # first launch of this plan inside a CUDA graph capture: the zeroing is captured with it and
+        # replays with it; not kept, the graph's memory pool owns the tensor
+        return torch.zeros(plan.programs, dtype=torch.int32, device=query.device)
+    counter = plan.counters[stream] = plan.spare_counters.pop()
+    return counter
 
 
 def _buffers(query, value, split: int):
     B, Hq, Lq, _ = query.shape
     Ev = value.shape[-1]
     out = torch.empty(B, Hq, Lq, Ev, dtype=query.dtype, device=query.device)
-    stats_ = torch.empty(2, B, Hq, Lq, dtype=torch.float32, device=query.device)
-    part = None
-    if split > 1:
-        # one allocation for the shares' outputs, lse and max
-        n = B * Hq * split * Lq
-        buf = torch.empty(n * (Ev + 2), dtype=torch.float32, device=query.device)
-        part = (buf[: n * Ev].view(B, Hq, split, Lq, Ev), buf[n * Ev: n * (Ev + 1)].view(B, Hq, split, Lq),
-                buf[n * (Ev + 1):].view(B, Hq, split, Lq))
-    return out, stats_[0], stats_[1], part
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=query.device)
+    mx = torch.empty(B, Hq, Lq, dtype=torch.float32, device=query.device)
+    # the shares' outputs, lse and max in one allocation
+    part = (torch.empty(B * Hq * Lq * split * (Ev + 2), dtype=torch.float32, device=query.device)
+            if split > 1 else None)
+    return out, lse, mx, part
 
 
 def run_decode(plan: DecodePlan, query, key, value, block_mask: BlockMask, scale: float):
@@ -304,7 +333,7 @@ def _pick(plan: DecodePlan, query, key, value, bm: BlockMask, scale: float) -> T
         return cfg, split
     tune_key = (plan.source, str(query.dtype), tuple(query.shape), tuple(key.shape[1:2]), value.shape[-1],
                 _bucket(key.shape[2]), plan.heads, bm.BLOCK_SIZE, query.device.index,
-                plan.pinned, plan.pinned_split)
+                plan.pinned, plan.pinned_split, plan.constexprs["DENSE"])
     hit = _tuned.get(tune_key)
     if hit is not None:
         return hit
@@ -316,17 +345,28 @@ def _pick(plan: DecodePlan, query, key, value, bm: BlockMask, scale: float) -> T
 
     def bench(c: DecodeConfig, s: int) -> float:
         out, lse, mx, part = _buffers(query, value, s)
+
+        def launch():
+            _launch(plan, module, query, key, value, bm, scale, c, s, out, lse, mx, part)
+
         try:
-            return triton.testing.do_bench(
-                lambda: _launch(plan, module, query, key, value, bm, scale, c, s, out, lse, mx, part),
-                warmup=5, rep=25)
+            launch()  # compiles; a config that does not fit fails here
+            # timed as a CUDA graph: a step is ~100 us, and eager timing would add the launch's
+            # host time (and its noise) to every candidate
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                launch()
+            return triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median")
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is just not chosen
             log.info("inductor_flex: decode config %s split %d failed: %s", c, s, e)
             return float("inf")
 
-    timings = {(c, split): bench(c, split) for c in configs}
+    # every config at the default split and at the most shares that still fit one wave of
+    # programs (the best config differs between the two), then the split counts around the winner
+    fill = max(1, min(split, plan.sms // plan.programs))
+    timings = {(c, s): bench(c, s) for c in configs for s in dict.fromkeys((split, fill))}
     best_cfg = min(timings, key=timings.get)[0]
-    splits = [plan.pinned_split] if plan.pinned_split else split_candidates(split, tiles)
+    splits = [plan.pinned_split] if plan.pinned_split else split_candidates(split, tiles, plan.programs, plan.sms)
     for s in splits:
         if (best_cfg, s) not in timings:
             timings[(best_cfg, s)] = bench(best_cfg, s)
@@ -342,7 +382,7 @@ def _pick(plan: DecodePlan, query, key, value, bm: BlockMask, scale: float) -> T
 def decode_attention(query, key, value, score_mod: Optional[Callable], block_mask: Optional[BlockMask],
                      scale: Optional[float], opts: dict):
     """(out, lse, max_scores) of one decode step; inputs are assumed validated (flex_attention does)."""
-    reason = decode_supports(query, key, value, block_mask)
+    reason = decode_supports(query, key, value, _block_size(block_mask))
     if reason is not None:
         raise ValueError(f"BACKEND 'TRITON_DECODE' cannot run this call: {reason}")
     bm = block_mask if block_mask is not None else _default_block_mask(query.shape[2], key.shape[2], query.device)
@@ -365,10 +405,10 @@ def maybe_decode(query, key, value, score_mod, block_mask, scale, opts):
             raise ValueError("BACKEND 'TRITON_DECODE' has no backward: run it under torch.no_grad() or use "
                              "BACKEND 'TRITON' when gradients are needed")
         return None
-    if not forced and decode_supports(query, key, value, block_mask) is not None:
+    if not forced and decode_supports(query, key, value, _block_size(block_mask)) is not None:
         return None
     if forced:
-        reason = decode_supports(query, key, value, block_mask)
+        reason = decode_supports(query, key, value, _block_size(block_mask))
         if reason is not None:
             raise ValueError(f"BACKEND 'TRITON_DECODE' cannot run this call: {reason}")
     plan = get_plan(query, key, value, score_mod, block_mask, opts)

@@ -315,6 +315,15 @@ def _forward_functionalize(ctx, query, key, value, score_mod, block_mask, scale,
                            mask_bufs):
     from inductor_flex.lowering import template
 
+    if decompose_here():
+        from inductor_flex.lowering.decode import try_decode_forward
+
+        # short queries: the split-KV decode kernel as one op (lowering/decode.py)
+        with _functional_mode(ctx):
+            res = try_decode_forward(query, key, value, score_mod, block_mask, scale, kernel_options, score_bufs,
+                                     mask_bufs)
+        if res is not None:
+            return res
     if decompose_here() and not template.takes(query, key, value, score_mod, block_mask, kernel_options,
                                                score_bufs, mask_bufs):
         # (a call the template takes keeps the HOP node: Inductor lowers it, lowering/template.py)

@@ -20,11 +20,12 @@ class DecodeConfig(NamedTuple):
 
 
 # Hopper-first candidates; the first entry is the no-autotune default (measured best of the
-# 3-4-stage ones on the H100). The kv tile's address depends on a loaded block index, so Triton's
-# pipeliner spends two stages on the index: num_stages=5 double-buffers K/V (checked in sm_90 TTGIR).
+# 3-4-stage ones on the H100). With a BlockMask the kv tile's address depends on a loaded block
+# index, so Triton's pipeliner spends two stages on the index (num_stages=5 double-buffers K/V,
+# checked in sm_90 TTGIR); without one (DENSE) every stage but one buffers K/V.
 _DECODE_CANDIDATES = [
-    DecodeConfig(64, 4, 3), DecodeConfig(64, 4, 5), DecodeConfig(128, 8, 5), DecodeConfig(64, 4, 4),
-    DecodeConfig(128, 8, 3), DecodeConfig(32, 4, 5),
+    DecodeConfig(64, 4, 3), DecodeConfig(128, 4, 3), DecodeConfig(64, 4, 4), DecodeConfig(64, 4, 5),
+    DecodeConfig(128, 8, 3),
 ]
 _INTERPRETER = DecodeConfig(16, 1, 1)
 # a split should stream at least this many kv tiles, or the merge costs more than it saves
@@ -48,7 +49,7 @@ def decode_configs(qk_head: int, v_head: int, dtype: torch.dtype, kv_block: int,
         if kv_block % bn:
             continue
         c = DecodeConfig(bn, c.num_warps, c.num_stages)
-        kv_buffers = max(1, c.num_stages - 3)  # see _DECODE_CANDIDATES
+        kv_buffers = max(1, c.num_stages - 1)  # DENSE, the most (see _DECODE_CANDIDATES)
         if bn * per_row * kv_buffers + 16 * head_pad(qk_head) * elem <= limit and c not in out:
             out.append(c)
     return out or [DecodeConfig(16, 4, 1)]
@@ -69,10 +70,13 @@ def decode_split(programs: int, kv_tiles: int, sms: int) -> int:
     return max(1, min(want, most, MAX_SPLIT))
 
 
-def split_candidates(default: int, kv_tiles: int) -> List[int]:
+def split_candidates(default: int, kv_tiles: int, programs: int, sms: int) -> List[int]:
+    """Split counts to time: multiples of the default, and the counts that give a whole number of
+    programs per SM (B * Hkv * SPLIT close to k * SMs), since the slowest SM sets the time."""
     most = max(1, min(MAX_SPLIT, kv_tiles // MIN_TILES_PER_SPLIT))
+    waves = [max(1, k * sms // max(1, programs)) for k in (1, 2, 3, 4, 6, 8)]
     out = []
-    for s in (default, default * 2, max(1, default // 2), default * 4):
+    for s in (default, default * 2, max(1, default // 2), default * 4, *waves):
         s = min(s, most)
         if s not in out:
             out.append(s)

@@ -1,11 +1,12 @@
 """Inductor lowering of the flex attention HOPs, registered on ``import inductor_flex``.
 
 While Inductor's AOT trace records a forward HOP, its functionalization rule (inductor_flex/hop.py)
-either keeps the HOP node, for calls the forward template takes (``lowering/template.py``: CUDA,
-mods Inductor can lower), which then reaches ``lower_forward`` below with ``ir.Subgraph``
-arguments for the mods; or emits instead one call of the fused forward kernel as a custom op
-(``lowering/kernel_op.py``: CPU with BACKEND "TRITON", mods closing over symbolic ints) or the
-chunked online-softmax code of ``lowering/cpu.py`` (everything else). Backward HOPs are always
+emits one split-KV decode op for short queries (``lowering/decode.py``); otherwise it keeps the HOP
+node for calls the forward template takes (``lowering/template.py``: CUDA, mods Inductor can
+lower), which then reaches ``lower_forward`` below with ``ir.Subgraph`` arguments for the mods;
+or emits one call of the fused forward kernel as a custom op (``lowering/kernel_op.py``: CPU with
+BACKEND "TRITON", mods closing over symbolic ints) or the chunked online-softmax code of
+``lowering/cpu.py`` (everything else). Backward HOPs are always
 emitted as the fused backward op or the chunked decomposition.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from inductor_flex import compat
 from inductor_flex.hop import flex_attention_backward_hop, flex_attention_hop
 
-from . import kernel_op  # noqa: F401  (registers the inductor_flex::flex_forward custom op up front)
+from . import decode, kernel_op  # noqa: F401  (register the inductor_flex custom ops up front)
 from .cpu import chunked_backward, chunked_forward
 from .template import lower_forward
 

@@ -31,6 +31,8 @@ def specializations():
                 yield variant, shape_name, dtype, "interp"
         # the GPU default config, in bf16, once per variant
         yield variant, "odd37_E40", torch.bfloat16, "gpu"
+    # kernel_options FAST_TANH: tanh as inline tanh.approx.f32 (GPU only, so never interpreted)
+    yield "softcap", "odd37_E40", torch.bfloat16, "gpu-fast_tanh"
 
 
 def compile_one(job):
@@ -40,7 +42,9 @@ def compile_one(job):
     B, Hq, Hkv, Lq, Lkv, E, Ev = shape
     q, k, v = make_inputs(shape, dtype, "cpu")
     score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
-    plan = K.ForwardPlan(q, k, v, score_mod, block_mask, None, {})
+    plan = K.ForwardPlan(q, k, v, score_mod, block_mask, None, {"FAST_TANH": which.endswith("fast_tanh")})
+    if which.endswith("fast_tanh"):
+        assert "tanh.approx.f32" in plan.source
     bs = plan.block_mask.BLOCK_SIZE
     cfg = forward_configs(E, Ev, dtype, bs, q.device, interpret=(which == "interp"))[0]
     out = torch.empty(B, Hq, Lq, Ev, dtype=dtype)

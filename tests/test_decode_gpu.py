@@ -104,3 +104,57 @@ def test_cuda_graph_replays_new_offsets():
         low, _, _ = math_attention(q, k[:, :, :pos + 1], v[:, :, :pos + 1])
         assert_close_to_reference(out, ref, low, torch.bfloat16, f"pos {pos}")
     assert D.stats["plans"] >= 1
+
+
+@pytest.mark.parametrize("split", [5, 32], ids=lambda s: f"split{s}")
+def test_in_kernel_merge_is_deterministic(split):
+    # the last share of a group merges every share's stores: a visibility race would show up as
+    # results that change from one launch to the next, or differ from the one-share kernel
+    _need_cuda()
+    q, k, v = make_inputs((8, 32, 8, 1, 8192, 128, 128), torch.bfloat16, "cuda")
+    opts = {**DECODE, "SPLIT_KV": split, "BLOCK_N": 64}
+    first = flex_attention(q, k, v, enable_gqa=True, kernel_options=opts)
+    for _ in range(50):
+        again = flex_attention(q, k, v, enable_gqa=True, kernel_options=opts)
+        assert torch.equal(again, first)
+    one = flex_attention(q, k, v, enable_gqa=True, kernel_options={**DECODE, "SPLIT_KV": 1, "BLOCK_N": 64})
+    assert (one.float() - first.float()).abs().max().item() < 2e-2
+    check(q, k, v, opts=opts)
+
+
+def test_two_streams_do_not_share_merge_counters():
+    _need_cuda()
+    q, k, v = make_inputs((4, 32, 8, 1, 4096, 128, 128), torch.bfloat16, "cuda")
+    q2 = torch.randn_like(q)
+    opts = {**DECODE, "SPLIT_KV": 8, "BLOCK_N": 64}
+    want = [flex_attention(x, k, v, enable_gqa=True, kernel_options=opts) for x in (q, q2)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()
+    outs = [[], []]
+    for _ in range(20):
+        for i, (s, x) in enumerate(zip(streams, (q, q2))):
+            with torch.cuda.stream(s):
+                outs[i].append(flex_attention(x, k, v, enable_gqa=True, kernel_options=opts))
+    torch.cuda.synchronize()
+    for i in range(2):
+        for o in outs[i]:
+            assert torch.equal(o, want[i])
+
+
+@pytest.mark.parametrize("variant", ["noop", "causal", "alibi", "softcap", "document"])
+def test_compiled_decode_bf16(variant):
+    # torch.compile of a decode step runs the split-KV decode op (lowering/decode.py)
+    from torch._inductor.utils import run_and_get_code
+
+    _need_cuda()
+    S = 8192 if variant == "noop" else 3001
+    q, k, v = make_inputs((8, 32, 8, 1, S, 128, 128), torch.bfloat16, "cuda")
+    score_mod, bm = make_variant(variant, 1, S, 32, "cuda", block=128)
+    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True,
+                                                      return_lse=True), fullgraph=True)
+    (out, lse), code = run_and_get_code(fn, q, k, v)
+    assert "inductor_flex.flex_decode" in code[0] and "def flex_decode_kernel" in code[0]
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod, bm)
+    low_out, low_lse, _ = math_attention(q, k, v, score_mod, bm)
+    assert_close_to_reference(out, ref_out, low_out, torch.bfloat16, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.bfloat16, "lse")

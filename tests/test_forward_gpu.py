@@ -87,3 +87,30 @@ def test_captured_cpu_tensor_with_cuda_inputs_is_an_error():
 
     with pytest.raises(FlexModError, match="captures a tensor on cpu"):
         flex_attention(q, k, v, score_mod=cpu_bias, kernel_options={"BACKEND": "TRITON"})
+
+
+@pytest.mark.parametrize("cap", [2.0, 30.0], ids=["cap2", "cap30"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fast_tanh_softcap_meets_the_criterion(cap, dtype):
+    # kernel_options FAST_TANH prints tanh as Hopper's tanh.approx.f32 (max rel. error ~2^-11):
+    # forward and backward must still meet the same-dtype criterion
+    from inductor_flex.kernel import kernel_source
+    from inductor_flex.variants import generate_tanh_softcap
+
+    from conftest import assert_grads_close
+
+    shape = GPU_SHAPES["S1000_D128_gqa"]
+    q, k, v = make_inputs(shape, dtype, "cuda", requires_grad=True)
+    score_mod = generate_tanh_softcap(cap)
+    bm = create_block_mask(generate_causal_mask(), None, None, 1000, 1000, device="cuda", BLOCK_SIZE=128)
+    opts = {"FAST_TANH": True}
+    assert "tanh.approx.f32" in kernel_source(q, k, v, score_mod, bm, enable_gqa=True, kernel_options=opts)
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True, return_lse=True,
+                              kernel_options=opts)
+    ref_out, ref_lse, _ = math_attention(q.detach().double(), k.detach().double(), v.detach().double(), score_mod, bm)
+    low_out, low_lse, _ = math_attention(q.detach(), k.detach(), v.detach(), score_mod, bm)
+    assert_close_to_reference(out.detach(), ref_out, low_out, dtype, "out")
+    assert_close_to_reference(lse.detach(), ref_lse, low_lse, dtype, "lse")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert_grads_close(q, k, v, grads, grad_out, score_mod, bm, dtype)
