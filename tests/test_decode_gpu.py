@@ -158,3 +158,27 @@ def test_compiled_decode_bf16(variant):
     low_out, low_lse, _ = math_attention(q, k, v, score_mod, bm)
     assert_close_to_reference(out, ref_out, low_out, torch.bfloat16, "out")
     assert_close_to_reference(lse, ref_lse, low_lse, torch.bfloat16, "lse")
+
+
+def test_two_graphs_of_one_plan_replay_concurrently():
+    # each captured launch has its own merge counters, so graphs of one plan may overlap
+    _need_cuda()
+    q1, k, v = make_inputs((4, 32, 8, 1, 4096, 128, 128), torch.bfloat16, "cuda")
+    q2 = torch.randn_like(q1)
+    opts = {**DECODE, "SPLIT_KV": 8, "BLOCK_N": 64}
+    want = [flex_attention(x, k, v, enable_gqa=True, kernel_options=opts) for x in (q1, q2)]
+    graphs, outs = [], []
+    for x in (q1, q2):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs.append(flex_attention(x, k, v, enable_gqa=True, kernel_options=opts))
+        graphs.append(g)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()
+    for _ in range(20):
+        for g, s in zip(graphs, streams):
+            with torch.cuda.stream(s):
+                g.replay()
+        torch.cuda.synchronize()
+        for o, w in zip(outs, want):
+            assert torch.equal(o, w)
