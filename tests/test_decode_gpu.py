@@ -20,14 +20,18 @@ def _need_cuda():
         pytest.skip("needs a CUDA GPU")
 
 
-def check(q, k, v, score_mod=None, block_mask=None, opts=DECODE):
-    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
-                              return_lse=True, kernel_options=opts)
-    torch.cuda.synchronize()
+def assert_matches_reference(out, lse, q, k, v, score_mod=None, block_mask=None):
     ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
     low_out, low_lse, _ = math_attention(q, k, v, score_mod, block_mask)
     assert_close_to_reference(out, ref_out, low_out, q.dtype, "out")
     assert_close_to_reference(lse, ref_lse, low_lse, q.dtype, "lse")
+
+
+def check(q, k, v, score_mod=None, block_mask=None, opts=DECODE):
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
+                              return_lse=True, kernel_options=opts)
+    torch.cuda.synchronize()
+    assert_matches_reference(out, lse, q, k, v, score_mod, block_mask)
     return out, lse
 
 
@@ -154,10 +158,7 @@ def test_compiled_decode_bf16(variant):
                                                       return_lse=True), fullgraph=True)
     (out, lse), code = run_and_get_code(fn, q, k, v)
     assert "inductor_flex.flex_decode" in code[0] and "def flex_decode_kernel" in code[0]
-    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod, bm)
-    low_out, low_lse, _ = math_attention(q, k, v, score_mod, bm)
-    assert_close_to_reference(out, ref_out, low_out, torch.bfloat16, "out")
-    assert_close_to_reference(lse, ref_lse, low_lse, torch.bfloat16, "lse")
+    assert_matches_reference(out, lse, q, k, v, score_mod, bm)
 
 
 def test_two_graphs_of_one_plan_replay_concurrently():
