@@ -15,16 +15,20 @@ Exit status: 0 when every error is within tolerance, 1 otherwise.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 _HAS_CUDA = torch.cuda.is_available()
-if not _HAS_CUDA:
+if not _HAS_CUDA and "TRITON_INTERPRET" not in os.environ:
     # must precede the first import of triton: @triton.jit picks the interpreter at decoration time
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "triton" in sys.modules:
+        # `python -m inductor_flex.demo` imports the package, and triton with it, before this module
+        # runs: start again, with the interpreter chosen before that first import
+        os.execv(sys.executable, [sys.executable, "-m", "inductor_flex.demo", *sys.argv[1:]])
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Callable, List, Optional  # noqa: E402
 

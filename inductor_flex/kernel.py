@@ -206,7 +206,19 @@ def interpreter_enabled() -> bool:
     """Whether @triton.jit builds interpreted functions in this process (TRITON_INTERPRET=1)."""
     from triton import knobs
 
-    return bool(knobs.runtime.interpret)
+    if not knobs.runtime.interpret:
+        return False
+    import triton.language as tl
+
+    # triton.language's own @jit helpers (tl.zeros, ...) were built when triton was first imported;
+    # set later, TRITON_INTERPRET would interpret our kernels but not them
+    if type(getattr(tl, "zeros", None)).__name__ == "JITFunction":
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton had been imported, so Triton's interpreter cannot run "
+            "kernels in this process; set it before the first import of triton or inductor_flex (e.g. "
+            "`TRITON_INTERPRET=1 python script.py`)"
+        )
+    return True
 
 
 # ---- planning a call -------------------------------------------------------------------------
