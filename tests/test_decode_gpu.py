@@ -126,13 +126,19 @@ def test_in_kernel_merge_is_deterministic(split):
     check(q, k, v, opts=opts)
 
 
-def test_two_streams_do_not_share_merge_counters():
-    _need_cuda()
+def _two_queries_one_plan():
+    """Two decode steps of one plan (same shapes, 8 shares merged in-kernel), their results
+    computed one after the other, and two side streams to run them on at once."""
     q, k, v = make_inputs((4, 32, 8, 1, 4096, 128, 128), torch.bfloat16, "cuda")
     q2 = torch.randn_like(q)
     opts = {**DECODE, "SPLIT_KV": 8, "BLOCK_N": 64}
     want = [flex_attention(x, k, v, enable_gqa=True, kernel_options=opts) for x in (q, q2)]
-    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    return (q, q2), k, v, opts, want, [torch.cuda.Stream(), torch.cuda.Stream()]
+
+
+def test_two_streams_do_not_share_merge_counters():
+    _need_cuda()
+    (q, q2), k, v, opts, want, streams = _two_queries_one_plan()
     torch.cuda.synchronize()
     outs = [[], []]
     for _ in range(20):
@@ -164,17 +170,13 @@ def test_compiled_decode_bf16(variant):
 def test_two_graphs_of_one_plan_replay_concurrently():
     # each captured launch has its own merge counters, so graphs of one plan may overlap
     _need_cuda()
-    q1, k, v = make_inputs((4, 32, 8, 1, 4096, 128, 128), torch.bfloat16, "cuda")
-    q2 = torch.randn_like(q1)
-    opts = {**DECODE, "SPLIT_KV": 8, "BLOCK_N": 64}
-    want = [flex_attention(x, k, v, enable_gqa=True, kernel_options=opts) for x in (q1, q2)]
+    queries, k, v, opts, want, streams = _two_queries_one_plan()
     graphs, outs = [], []
-    for x in (q1, q2):
+    for x in queries:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             outs.append(flex_attention(x, k, v, enable_gqa=True, kernel_options=opts))
         graphs.append(g)
-    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     torch.cuda.synchronize()
     for _ in range(20):
         for g, s in zip(graphs, streams):
