@@ -318,3 +318,16 @@ def register_dynamo_hop_variable(hop_name: str, variable_class) -> None:
     table = _private("torch._dynamo.variables.higher_order_ops", "_hop_name_to_variable_class",
                      "Dynamo's HOP-name -> variable-class table")
     table[hop_name] = variable_class
+
+
+def dynamo_input_value(vt):
+    """The real tensor behind a Dynamo TensorVariable that is a graph input (its placeholder's
+    GraphArg example), or None: a tensor built inside the traced code, or one no longer alive."""
+    try:
+        node = vt.as_proxy().node
+        arg = node.meta.get("grapharg") if node.op == "placeholder" else None
+        value = arg.example if arg is not None else None
+    except Exception:  # noqa: BLE001 - not a tensor input, or its weak reference died
+        return None
+    fake = _private("torch._subclasses.fake_tensor", "is_fake", "fake-tensor check")
+    return value if isinstance(value, torch.Tensor) and not fake(value) else None

@@ -15,6 +15,7 @@ import torch
 
 from . import compat
 from .hop import BM_MASK_MOD, flex_attention_hop
+from .lowering import tuning_masks
 from .mods import TensorIndexMode
 
 
@@ -51,6 +52,24 @@ def variable_class():
             name = tx.output.install_subgraph(kind, torch.fx.GraphModule(tx.output.nn_modules, graph))
             return make_attr(tx, name), tuple(lifted.keys())
 
+        @staticmethod
+        def _options_with_mask(options, bm_items):
+            """kernel_options naming this call's real BlockMask for Inductor's config benchmarks
+            (lowering/tuning_masks.py), when its tensors are inputs of the compiled frame."""
+            tensors = []
+            for vt in bm_items[2:6]:  # kv_num, kv_idx, full_num, full_idx
+                if vt.is_python_constant() and vt.as_python_constant() is None:
+                    tensors.append(None)
+                    continue
+                value = compat.dynamo_input_value(vt)
+                if value is None:
+                    return options.as_proxy()
+                tensors.append(value)
+            key = tuning_masks.remember(tensors)
+            if key is None or not options.is_python_constant():
+                return options.as_proxy()
+            return {**(options.as_python_constant() or {}), tuning_masks.TUNE_KEY: key}
+
         def call_function(self, tx, args, kwargs):
             names = ("query", "key", "value", "score_mod", "block_mask", "scale", "kernel_options")
             if len(args) + len(kwargs) != len(names):
@@ -69,7 +88,7 @@ def variable_class():
             bm = tuple(proxy(x) for x in bm_items[:BM_MASK_MOD]) + (mask_node,)
             node_args = (
                 proxy(query), proxy(bound["key"]), proxy(bound["value"]), score_node, bm, proxy(bound["scale"]),
-                proxy(bound["kernel_options"]), score_bufs, mask_bufs,
+                self._options_with_mask(bound["kernel_options"], bm_items), score_bufs, mask_bufs,
             )
             p = tx.output.create_proxy("call_function", self.value, args=node_args, kwargs={})
             return wrap_fx_proxy(tx=tx, proxy=p, example_value=None)

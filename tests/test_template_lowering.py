@@ -111,6 +111,9 @@ def test_inductor_renders_the_template(interpreted_inductor, variant, shape, dty
     # Inductor's template kernel, not the custom op and not the decomposition
     assert "_attn_fwd_inner" in code and "def score_mod(" in code
     assert "inductor_flex.flex_forward" not in code
+    if variant == "softcap":
+        # tanh reaches the kernel as exp2, not as libdevice's slow tanh or accurate exp
+        assert "exp2(" in code and "libdevice.tanh" not in code and "libdevice.exp(" not in code
     ref_out, ref_lse, _ = reference64(q, k, v, score_mod, block_mask)
     low_out, low_lse, _ = reference_same_dtype(q, k, v, score_mod, block_mask)
     assert_close_to_reference(out, ref_out, low_out, dtype, "out")
@@ -186,3 +189,83 @@ def test_inductor_sources_compile_for_sm90(interpreted_inductor, tmp_path):
     print(res.stdout[-3000:])
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert f"{len(sources)}/{len(sources)} specializations compiled for sm_90" in res.stdout
+
+
+def _block_sets(num, idx):
+    """{(row, kv block)} that a BlockMask's num/index tensors list, for batch 0, head 0."""
+    return {(r, int(idx[0, 0, r, j])) for r in range(num.shape[-1]) for j in range(int(num[0, 0, r]))}
+
+
+@pytest.mark.parametrize("has_full", [True, False], ids=["with_full_blocks", "partial_only"])
+def test_autotune_stand_in_block_mask_is_causal(monkeypatch, has_full):
+    """Inductor benchmarks the template configs on stand-in BlockMask tensors: they list the blocks
+    of a causal mask (diagonal partial, the rest full), shaped like the real ones."""
+    from inductor_flex import create_block_mask
+    from inductor_flex import compat
+
+    monkeypatch.setattr(compat, "size_hint", int)
+    real = create_block_mask(lambda b, h, q, k: q >= k, None, None, 640, 640, device="cpu")
+    nq, nk = real.kv_indices.shape[-2:]
+
+    gen = template._stand_in_block_mask(has_full, nq, nk)
+    full_idx_shape = real.full_kv_indices if has_full else real.full_kv_indices[..., :1]
+    made = [gen[5 + i](_Sized(t)) for i, t in enumerate(
+        (real.kv_num_blocks, real.kv_indices, real.full_kv_num_blocks, full_idx_shape))]
+    for m, t in zip(made, (real.kv_num_blocks, real.kv_indices, real.full_kv_num_blocks, full_idx_shape)):
+        assert m.shape == t.shape and m.dtype == torch.int32
+    partial, full = _block_sets(made[0], made[1]), _block_sets(made[2], made[3])
+    want_partial = _block_sets(real.kv_num_blocks, real.kv_indices)
+    want_full = _block_sets(real.full_kv_num_blocks, real.full_kv_indices)
+    if has_full:
+        assert partial == want_partial and full == want_full
+    else:
+        assert partial == want_partial | want_full and not full
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["recorded", "unknown"])
+def test_config_benchmarks_use_the_real_block_mask(interpreted_inductor, monkeypatch, known):
+    """When the BlockMask's tensors are inputs of the compiled frame, Inductor's config benchmarks
+    run on copies of them (lowering/tuning_masks.py); when Dynamo cannot see their values, on the
+    causal stand-in."""
+    from inductor_flex import compat, create_block_mask
+    from inductor_flex.variants import generate_causal_mask, generate_doc_mask_mod
+
+    seen = {}
+    real_select = compat.select_template
+
+    def spy(name, choices, inputs, layout, gen):
+        seen["made"] = [gen[5 + i](inputs[5 + i]) for i in range(4)]
+        return real_select(name, choices, inputs, layout, gen)
+
+    monkeypatch.setattr(compat, "select_template", spy)
+    torch._dynamo.reset()  # the lambda below is one code object for both cases
+    if not known:
+        monkeypatch.setattr(compat, "dynamo_input_value", lambda vt: None)
+    dims = SHAPES["odd37_E40"]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, torch.float32, "cpu")
+    ids = torch.tensor([0] * 5 + [1] * 20 + [2] * 12, dtype=torch.int32)
+    bm = create_block_mask(generate_doc_mask_mod(generate_causal_mask(), ids), None, None, Lq, Lkv, device="cpu",
+                           BLOCK_SIZE=16)
+    out = torch.compile(lambda q, k, v, bm: flex_attention(q, k, v, block_mask=bm), fullgraph=True)(q, k, v, bm)
+    real = [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices]
+    nq, nk = bm.kv_indices.shape[-2:]
+    stand_in = template._stand_in_block_mask(True, nq, nk)
+    monkeypatch.setattr(compat, "size_hint", int)  # outside a graph lowering
+    want = real if known else [stand_in[5 + i](_Sized(t)) for i, t in enumerate(real)]
+    for made, w in zip(seen["made"], want):
+        assert torch.equal(made, w.to(torch.int32))
+    ref, _, _ = reference64(q, k, v, None, bm)
+    low, _, _ = reference_same_dtype(q, k, v, None, bm)
+    assert_close_to_reference(out, ref, low, torch.float32)
+
+
+class _Sized:
+    def __init__(self, t):
+        self.t = t
+
+    def get_size(self):
+        return list(self.t.shape)
+
+    def get_device(self):
+        return torch.device("cpu")
