@@ -181,6 +181,7 @@ class _Printer:
         self.prefix = prefix
         self.fast_tanh = fast_tanh
         self.lines: List[str] = []
+        self.cse: Dict[tuple, str] = {}
         self.env: Dict[torch.fx.Node, object] = {}
         self.tensors: List[torch.Tensor] = []
         self.params: List[str] = []
@@ -195,9 +196,15 @@ class _Printer:
         )
 
     def emit(self, code: str, dtype: torch.dtype, axes) -> Value:
-        name = f"t{self.counter}"
-        self.counter += 1
-        self.lines.append(f"{name} = {code}")
+        # Every emitted expression is pure (temps are assigned once, captured tensors are read-only),
+        # so a repeat reuses the first temp: traced mods repeat index loads (a document mask loads
+        # ids[q_idx] twice), and the repeats cost registers (eager document forward spilled).
+        key = (code, dtype, frozenset(axes))
+        name = self.cse.get(key)
+        if name is None:
+            name = self.cse[key] = f"t{self.counter}"
+            self.counter += 1
+            self.lines.append(f"{name} = {code}")
         return Value(name, dtype, frozenset(axes))
 
     @staticmethod
@@ -275,6 +282,12 @@ class _Printer:
             d = view.dims[0]
             view = TensorView(view.arg, view.dims[1:], offset, mask, frozenset(axes), view.dtype)
             size, stride = p[1 + d], p[1 + ndim + d]
+            if iv.code in ("q_idx", "kv_idx"):  # the kernels' row / column indices are never negative
+                ok = f"({iv.code} < {size})"
+                mask = ok if mask is None else f"{mask} & {ok}"
+                offset = f"{offset} + {iv.code} * {stride}"
+                axes |= iv.axes
+                continue
             # PyTorch wraps negative indices once; anything still outside [0, size) is masked off
             wrapped = f"tl.where({iv.code} < 0, {iv.code} + {size}, {iv.code})"
             if not iv.axes:

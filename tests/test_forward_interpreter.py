@@ -117,3 +117,25 @@ def test_rebinding_a_captured_tensor_is_seen_without_rerunning_the_print():
     third = flex_attention(q, k, v, score_mod=mod, kernel_options=TRITON)
     ref, _, _ = math_attention(q.double(), k.double(), v.double(), mod)
     assert (third.double() - ref).abs().max() < 1e-5
+
+
+def test_printed_mask_loads_each_captured_value_once():
+    """The printer reuses repeated expressions: a document mask reads ids[q_idx] and ids[kv_idx]
+    once each (the traced graph indexes them twice), and the never-negative q_idx / kv_idx index
+    without a wrap-around."""
+    from inductor_flex.printer import print_mod
+    from inductor_flex.variants import generate_causal_mask, generate_doc_mask_mod
+
+    ids = torch.tensor([0] * 7 + [1] * 9 + [2] * 17, dtype=torch.int32)
+    mask_mod = generate_doc_mask_mod(generate_causal_mask(), ids)
+    src = print_mod(mask_mod, "mask_mod", torch.device("cpu")).source
+    assert src.count("tl.load(") == 4, src  # ids[q], ids[kv], offsets[ids[q]], offsets[ids[kv]]
+    assert "q_idx < 0" not in src and "kv_idx < 0" not in src, src
+    q, k, v = make_inputs((1, 2, 2, 33, 33, 16, 16), torch.float32, "cpu")
+    from inductor_flex import create_block_mask
+
+    bm = create_block_mask(mask_mod, None, None, 33, 33, device="cpu", BLOCK_SIZE=16)
+    out = flex_attention(q, k, v, block_mask=bm, kernel_options=TRITON)
+    ref, _, _ = math_attention(q.double(), k.double(), v.double(), None, bm)
+    low, _, _ = math_attention(q, k, v, None, bm)
+    assert_close_to_reference(out, ref, low, torch.float32, "out")
