@@ -106,7 +106,7 @@ class BackwardCall:
         B, Hq, Lq, E = query.shape
         dev = query.device
         self.lse = lse.contiguous()
-        self.grad_out = grad_out if grad_out is not None else torch.zeros_like(out)
+        self.grad_out = grad_out if grad_out is not None else torch.zeros_like(out, dtype=query.dtype)
         self.grad_lse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else None
         self.delta = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev)
         self.dq, self.dk, self.dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)

@@ -469,8 +469,20 @@ def _pick_config(plan: ForwardPlan, launch, query, key, value) -> Config:
 class _KernelForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, query, key, value, *captured):
-        out, lse, mx = run_forward(plan, query, key, value)
-        ctx.save_for_backward(query, key, value, out, lse, *captured)
+        learned = any(t.requires_grad and t.is_floating_point() for t in captured[:len(plan.score.tensors)])
+        if learned and query.dtype in (torch.float16, torch.bfloat16):
+            # The backward's delta = rowsum(dO * O) from O rounded to 16 bits shifts every dS of a row
+            # alike; a captured tensor's gradient sums dS over whole rows, so the shift does not
+            # cancel and its error grew past the math reference's (bf16 ALiBi slopes: 0.86 vs 0.60).
+            # The kernel writes O in float32 for the backward; the caller gets it rounded.
+            B, Hq, Lq, _ = query.shape
+            exact = torch.empty(B, Hq, Lq, value.shape[-1], dtype=torch.float32, device=query.device)
+            exact, lse, mx = run_forward(plan, query, key, value, out=exact)
+            out = exact.to(query.dtype)
+        else:
+            out, lse, mx = run_forward(plan, query, key, value)
+            exact = out
+        ctx.save_for_backward(query, key, value, exact, lse, *captured)
         ctx.plan = plan
         ctx.mark_non_differentiable(mx)
         return out, lse, mx

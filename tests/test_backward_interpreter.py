@@ -164,3 +164,19 @@ def test_fused_dq_refuses_captured_gradients_and_determinism():
     out = flex_attention(q, k, v, kernel_options={"BACKEND": "TRITON", "FUSED_DQ": True, "DETERMINISTIC": True})
     with pytest.raises(ValueError, match="FUSED_DQ"):
         out.sum().backward()
+
+
+def test_learned_captured_tensor_backward_reads_float32_out():
+    """With a learnable captured tensor in half precision, the forward keeps O in float32 for the
+    backward's delta (a captured gradient sums dS over whole rows, so O's rounding would not cancel);
+    the caller still gets O in the input dtype, equal to the rounded float32 O."""
+    factory, make = LEARNABLE["alibi_slopes"]
+    q, k, v = make_inputs((1, 2, 2, 40, 40, 32, 32), torch.float16, "cpu", requires_grad=True)
+    slopes = make(2)[0].requires_grad_()
+    out = flex_attention(q, k, v, score_mod=factory(slopes), kernel_options=TRITON)
+    assert out.dtype == torch.float16
+    saved_out = out.grad_fn.saved_tensors[3]
+    assert saved_out.dtype == torch.float32 and torch.equal(saved_out.to(torch.float16), out)
+    with torch.no_grad():
+        frozen = flex_attention(q, k, v, score_mod=factory(slopes.detach()), kernel_options=TRITON)
+    assert torch.equal(frozen, out)
