@@ -22,30 +22,28 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def _compiled_kernels():
-    from triton.compiler.compiler import CompiledKernel
-
+def _live(cls):
+    """Every live object of ``cls`` (dead weak proxies skipped)."""
     out = []
     for o in gc.get_objects():
         try:
-            if isinstance(o, CompiledKernel):
+            if isinstance(o, cls):
                 out.append(o)
-        except ReferenceError:  # a dead weak proxy
+        except ReferenceError:
             continue
     return out
+
+
+def _compiled_kernels():
+    from triton.compiler.compiler import CompiledKernel
+
+    return _live(CompiledKernel)
 
 
 def _autotuners():
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
-    out = []
-    for o in gc.get_objects():
-        try:
-            if isinstance(o, CachingAutotuner):
-                out.append(o)
-        except ReferenceError:
-            continue
-    return out
+    return _live(CachingAutotuner)
 
 
 def _describe(k) -> dict:
