@@ -128,7 +128,7 @@ class BackwardCall:
         self.common = dict(
             HAS_SCORE_MOD=plan.has_score_mod, QK_HEAD=E, V_HEAD=value.shape[-1], QK_PAD=head_pad(E),
             V_PAD=head_pad(value.shape[-1]), SPARSE_Q=q_bs, SPARSE_KV=kv_bs,
-            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", DENSE=False)
 
     def preprocess(self) -> Launch:
         B, Hq, Lq, _ = self.q.shape

@@ -57,7 +57,7 @@ def variable_class():
             """kernel_options naming this call's real BlockMask for Inductor's config benchmarks
             (lowering/tuning_masks.py), when its tensors are inputs of the compiled frame."""
             tensors = []
-            for vt in bm_items[2:6]:  # kv_num, kv_idx, full_num, full_idx
+            for vt in bm_items[2:10]:  # kv_num, kv_idx, full_num, full_idx, and the q side's
                 if vt.is_python_constant() and vt.as_python_constant() is None:
                     tensors.append(None)
                     continue

@@ -250,7 +250,8 @@ def _maybe_trace_joint(score_mod, query, score_bufs):
     fake_mode = compat.detect_fake_mode((query, *score_bufs))
     with compat.disable_current_modes():
         with fake_mode:
-            scalars = [torch.zeros((), dtype=_stats_dtype(query))] + [torch.zeros((), dtype=torch.int32)] * 4
+            # four distinct index tensors: one object for all would make the trace read n for m
+            scalars = [torch.zeros((), dtype=_stats_dtype(query))] + [torch.zeros((), dtype=torch.int32) for _ in range(4)]
             bufs = [torch.empty_strided(b.shape, b.stride(), dtype=b.dtype) if isinstance(b, torch.Tensor) else b
                     for b in score_bufs]
             args = scalars + [torch.zeros((), dtype=_stats_dtype(query))] + bufs
@@ -350,7 +351,11 @@ def _forward_functionalize(ctx, query, key, value, score_mod, block_mask, scale,
 @flex_attention_backward_hop.py_functionalize_impl
 def _backward_functionalize(ctx, query, key, value, out, lse, grad_out, grad_lse, fw_graph, joint_graph, block_mask,
                             scale, kernel_options, score_bufs, mask_bufs):
-    if decompose_here():
+    from inductor_flex.lowering import backward as backward_template
+
+    # (a call the backward template takes keeps the HOP node: Inductor lowers it, lowering/backward.py)
+    if decompose_here() and not backward_template.takes(query, key, value, fw_graph, joint_graph, block_mask,
+                                                        kernel_options, score_bufs, mask_bufs):
         from inductor_flex.lowering.cpu import chunked_backward
         from inductor_flex.lowering.kernel_op import try_kernel_backward
 

@@ -400,6 +400,8 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
         EVEN_M=Lq % cfg.BLOCK_M == 0, EVEN_N=Lkv % (cfg.BLOCK_N if dense else kv_bs) == 0,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DENSE=dense, HAS_FULL=True,
+        # a float32 O from 16-bit inputs is the backward's (see _KernelForward): make it float32-exact
+        SPLIT_P=out.dtype == torch.float32 and query.dtype != torch.float32,
     )
     grid = (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq)
     return grid, args, constexprs
@@ -474,7 +476,8 @@ class _KernelForward(torch.autograd.Function):
             # The backward's delta = rowsum(dO * O) from O rounded to 16 bits shifts every dS of a row
             # alike; a captured tensor's gradient sums dS over whole rows, so the shift does not
             # cancel and its error grew past the math reference's (bf16 ALiBi slopes: 0.86 vs 0.60).
-            # The kernel writes O in float32 for the backward; the caller gets it rounded.
+            # The kernel writes O in float32 for the backward (SPLIT_P: P·V from P's 16-bit head and
+            # residue; a float32 O from a rounded P was not enough), and the caller gets it rounded.
             B, Hq, Lq, _ = query.shape
             exact = torch.empty(B, Hq, Lq, value.shape[-1], dtype=torch.float32, device=query.device)
             exact, lse, mx = run_forward(plan, query, key, value, out=exact)

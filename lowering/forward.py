@@ -6,8 +6,9 @@ node for calls the forward template takes (``lowering/template.py``: CUDA, mods 
 lower), which then reaches ``lower_forward`` below with ``ir.Subgraph`` arguments for the mods;
 or emits one call of the fused forward kernel as a custom op (``lowering/kernel_op.py``: CPU with
 BACKEND "TRITON", mods closing over symbolic ints) or the chunked online-softmax code of
-``lowering/cpu.py`` (everything else). Backward HOPs are always
-emitted as the fused backward op or the chunked decomposition.
+``lowering/cpu.py`` (everything else). Backward HOPs likewise: the node is kept for calls the
+backward template takes (``lowering/backward.py``, lowered by ``lower_backward``), else replaced
+by the fused backward op or the chunked decomposition.
 """
 from __future__ import annotations
 
@@ -15,18 +16,11 @@ from inductor_flex import compat
 from inductor_flex.hop import flex_attention_backward_hop, flex_attention_hop
 
 from . import decode, kernel_op  # noqa: F401  (register the inductor_flex custom ops up front)
+from .backward import lower_backward
 from .cpu import chunked_backward, chunked_forward
 from .template import lower_forward
 
 _registered = False
-
-
-def _not_decomposed(*args, **kwargs):
-    raise RuntimeError(
-        "inductor_flex: a flex attention backward HOP reached Inductor's lowering without being decomposed "
-        "during the AOT trace; Inductor's decomposition table must hold the HOP "
-        "(inductor_flex.lowering.forward.register())"
-    )
 
 
 def register() -> None:
@@ -38,5 +32,5 @@ def register() -> None:
     compat.inductor_register_decomposition(flex_attention_hop, chunked_forward)
     compat.inductor_register_decomposition(flex_attention_backward_hop, chunked_backward)
     compat.inductor_register_lowering(flex_attention_hop, lower_forward)
-    compat.inductor_register_lowering(flex_attention_backward_hop, _not_decomposed)
+    compat.inductor_register_lowering(flex_attention_backward_hop, lower_backward)
     _registered = True

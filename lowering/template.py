@@ -60,17 +60,26 @@ def takes(query, key, value, score_mod, block_mask, kernel_options, score_bufs, 
 
 
 # ---- stage one: our hooks, filled with Inductor's template calls --------------------------------
-def _mod_helper(name: str, number: int, with_score: bool, loads: bool) -> str:
+def _mod_helper(name: str, number: int, with_score: bool, loads: bool, transposed: bool = False,
+                with_grad: bool = False) -> str:
+    """A @triton.jit helper whose body is subgraph ``number`` lowered by Inductor. ``transposed``:
+    score tiles are (kv, q), as in the dK/dV kernel; ``with_grad``: the score_mod's joint graph,
+    which also takes the gradient of the score_mod's output."""
     params = "score, b, h, q_idx, kv_idx" if with_score else "b, h, q_idx, kv_idx"
     fixed = 'score="score", ' if with_score else ""
+    if with_grad:
+        params += ", grad_score"
+        fixed += 'grad_score="grad_score", '
     shapes = ""
     if compat.modification_takes_shapes():
-        shapes = (', input_shapes={"score": ("BLOCK_M", "BLOCK_N"), "m": ("BLOCK_M", "1"), "n": ("1", "BLOCK_N")}'
-                  if with_score else ', input_shapes={"m": ("BLOCK_M", "1"), "n": ("1", "BLOCK_N")}')
+        tile, m, n = ('("BLOCK_N", "BLOCK_M")', '("1", "BLOCK_M")', '("BLOCK_N", "1")') if transposed else (
+            '("BLOCK_M", "BLOCK_N")', '("BLOCK_M", "1")', '("1", "BLOCK_N")')
+        shapes = ', input_shapes={' + (f'"score": {tile}, ' if with_score else "") + (
+            f'"grad_score": {tile}, ' if with_grad else "") + f'"m": {m}, "n": {n}' + '}'
         shapes += ', input_dtypes={"b": "index", "h": "index", "m": "index", "n": "index"}'
     return (
         "@triton.jit\n"
-        f"def {name}({params}, {{{{gen_argdefs()}}}}):\n"
+        f"def {name}({params}, {{{{gen_argdefs()}}}}{', unused_grad_caps' if with_grad else ''}):\n"
         "    {{gen_defines() | indent_except_first(1)}}\n"
         + ("    # rows / columns past the end of a tile are discarded later; keep their indices in range\n"
            "    # because Inductor's loads of captured tensors are not masked\n"
@@ -81,7 +90,9 @@ def _mod_helper(name: str, number: int, with_score: bool, loads: bool) -> str:
         +
         f'    {{{{modification(subgraph_number={number}, output_name="mod_out", {fixed}b="b", h="h", m="m", n="n"'
         f"{shapes}) | indent_except_first(1)}}}}\n"
-        "    return mod_out\n"
+        + ("    # linear in grad_score: 0 where it is 0 (masked, padded), even where the derivative is\n"
+           "    # inf (sqrt at 0) and 0 * inf would give NaN\n"
+           "    return tl.where(grad_score != 0.0, mod_out, 0.0)\n" if with_grad else "    return mod_out\n")
     )
 
 
@@ -105,12 +116,12 @@ def _kernel_def(dense: bool, bm_strides, qk_scale: float) -> str:
     return "\n".join(lines)
 
 
-def _bm_strides(nodes, dense: bool):
+def _bm_strides(nodes, dense: bool, names=("KV_NUM", "KV_IDX")):
     """The stride expressions of the (num, indices) BlockMask tensors; 0 along broadcast dims."""
     if dense:
         return "0, 0, 0", "0, 0, 0"
     out = []
-    for name, node in zip(("KV_NUM", "KV_IDX"), nodes):
+    for name, node in zip(names, nodes):
         size = node.get_size()
         parts = ["0" if _is_one(size[d]) else f'{{{{stride("{name}", {d})}}}}' for d in range(3)]
         out.append(", ".join(parts))
@@ -214,56 +225,67 @@ def _is_identity(gm) -> bool:
     return res is first
 
 
-def _block_mask_inputs(block_mask, device):
-    """kv_num, kv_idx, full_num, full_idx as contiguous buffers (full ones zero when absent)."""
-    ir = compat.inductor_ir()
-    kv_num, kv_idx, full_num, full_idx = block_mask[2:6]
+def _block_mask_inputs(block_mask, device, side: str = "kv"):
+    """(num, idx, full_num, full_idx) of the kv side (the blocks each query block reads) or the q
+    side (the query blocks that read each kv block) as contiguous buffers; the full ones zero
+    when the BlockMask has none."""
+    first = 2 if side == "kv" else 6
+    num, idx, full_num, full_idx = block_mask[first:first + 4]
     has_full = full_num is not None
     if not has_full:
         full = compat.inductor_lowering(torch.ops.aten.full.default)
-        full_num = full(list(kv_num.get_size()), 0, dtype=torch.int32, device=device)
-        full_idx = full(list(kv_idx.get_size()[:3]) + [1], 0, dtype=torch.int32, device=device)
-    nodes = [ir.ExternKernel.require_contiguous(x) for x in (kv_num, kv_idx, full_num, full_idx)]
+        full_num = full(list(num.get_size()), 0, dtype=torch.int32, device=device)
+        full_idx = full(list(idx.get_size()[:3]) + [1], 0, dtype=torch.int32, device=device)
+    nodes = [compat.inductor_ir().ExternKernel.require_contiguous(x) for x in (num, idx, full_num, full_idx)]
     return compat.inductor_realize(*nodes), has_full
 
 
-def _recorded_block_mask(tensors, nodes):
+def _example_inputs(tensors, offset: int):
+    """{input position: make(node)} for Inductor's config benchmarks, from (num, idx, full_num,
+    full_idx) example tensors that broadcast to the nodes' sizes."""
+    def gen(t):
+        def make(node):
+            size = [compat.size_hint(s) for s in node.get_size()]
+            return t.expand(size).contiguous().to(node.get_device())
+        return make
+
+    return {offset + i: gen(t) for i, t in enumerate(tensors)}
+
+
+def _recorded_block_mask(tensors, nodes, offset: int = 5):
     """Example BlockMask tensors for Inductor's config benchmarks: the real ones Dynamo recorded
     (lowering/tuning_masks.py), where they fit the graph's shapes; else None."""
-    if tensors is None:
+    if tensors is None or tensors[0] is None:
         return None
     sizes = [[compat.size_hint(d) for d in n.get_size()] for n in nodes]
     if tensors[2] is None:  # no full blocks: the lowering's zero stand-ins
         tensors = (*tensors[:2], torch.zeros(sizes[2], dtype=torch.int32), torch.zeros(sizes[3], dtype=torch.int32))
     if any(list(t.shape) != size for t, size in zip(tensors, sizes)):
         return None  # e.g. a new length under dynamic shapes
-
-    def gen(i):
-        return lambda node: tensors[i].to(node.get_device())
-
-    return {5 + i: gen(i) for i in range(4)}
+    return _example_inputs(tensors, offset)
 
 
-def _stand_in_block_mask(has_full: bool, nq: int, nk: int):
+def _block_lists(blocks):
+    """(num, idx) listing the True columns of each row of a (rows, cols) block map first."""
+    return blocks.sum(-1).to(torch.int32), torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+
+
+def _stand_in_block_mask(has_full: bool, nq: int, nk: int, side: str = "kv", offset: int = 5):
     """Example BlockMask tensors for Inductor's config benchmarks (the real ones are graph inputs,
     unknown at compile time): a causal block pattern, the diagonal block partial and the blocks
     left of it full. Causal-like masks (causal, document, sliding window, prefix-LM) are the common
     case, and a mask of all-partial blocks made the benchmarks pick configs that ran the causal
     forward 9% slower than the eager autotuner's pick (H200, S=4096, D=128)."""
-    diag = torch.clamp(torch.arange(nq) * nk // nq, max=nk - 1).to(torch.int32)
-    cols = torch.arange(nk, dtype=torch.int32)[None, :].expand(nq, nk)
-    if has_full:  # partial: the diagonal block; full: every block left of it
-        rows = (torch.ones(nq, dtype=torch.int32), diag[:, None].expand(nq, nk), diag, cols)
-    else:  # partial: every block up to the diagonal
-        rows = (diag + 1, cols, torch.zeros(nq, dtype=torch.int32), cols[:, :1])
-
-    def gen(i):
-        def make(node):
-            size = [compat.size_hint(s) for s in node.get_size()]
-            return rows[i].expand(size).contiguous().to(node.get_device())
-        return make
-
-    return {5 + i: gen(i) for i in range(4)}
+    diag = torch.clamp(torch.arange(nq) * nk // nq, max=nk - 1)
+    cols = torch.arange(nk)[None, :]
+    partial, full = cols == diag[:, None], cols < diag[:, None]
+    if not has_full:  # partial: every block up to the diagonal
+        partial, full = partial | full, torch.zeros_like(full)
+    if side == "q":
+        partial, full = partial.T, full.T
+    num, idx = _block_lists(partial)
+    full_num, full_idx = _block_lists(full)
+    return _example_inputs((num, idx, full_num, full_idx if has_full else full_idx[:, :1]), offset)
 
 
 def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_options, score_bufs, mask_bufs):
@@ -299,7 +321,8 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
         sparse = (compat.static_int(block_mask[10]), compat.static_int(block_mask[11]))
         bm_nodes, has_full = _block_mask_inputs(block_mask, device)
         nq, nk = (compat.size_hint(d) for d in bm_nodes[1].get_size()[-2:])
-        gen = (_recorded_block_mask(tuning_masks.lookup(opts.get(tuning_masks.TUNE_KEY)), bm_nodes)
+        recorded = tuning_masks.lookup(opts.get(tuning_masks.TUNE_KEY))
+        gen = (_recorded_block_mask(recorded and recorded[:4], bm_nodes)
                or _stand_in_block_mask(has_full, nq, nk))
     inputs += bm_nodes
 
@@ -334,6 +357,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPARSE_Q=sparse[0], SPARSE_KV=sparse[1],
             EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M), EVEN_N=even_n,
             DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"', DENSE=dense, HAS_FULL=has_full,
+            SPLIT_P=False,
         ) or error
     if not choices:
         raise RuntimeError(f"inductor_flex: no forward template config could be generated: {error}")

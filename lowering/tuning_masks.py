@@ -23,7 +23,8 @@ _masks: "collections.OrderedDict[str, Tuple[torch.Tensor, ...]]" = collections.O
 
 
 def remember(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
-    """Keep CPU copies of (kv_num, kv_idx, full_num, full_idx) and return their key, or None."""
+    """Keep CPU copies of (kv_num, kv_idx, full_num, full_idx) and, for the backward, the q side's
+    four; return their key, or None."""
     if any(t is None for t in tensors[:2]) or sum(t.numel() for t in tensors if t is not None) > _MAX_ELEMS:
         return None
     copies = tuple(None if t is None else t.detach().to("cpu", torch.int32).contiguous() for t in tensors)

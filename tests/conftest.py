@@ -89,3 +89,26 @@ def record_calls(monkeypatch, module, name, record=lambda *args, **kwargs: None)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def interpreted_inductor(monkeypatch):
+    """Inductor with its Triton CPU backend, the flex templates enabled on CPU, and every kernel it
+    generates run by Triton's interpreter (tests/inductor_interpreter.py)."""
+    import torch._inductor.config as config
+    import torch.utils._triton as torch_triton
+    from torch._inductor.async_compile import AsyncCompile
+
+    from inductor_flex.lowering import template
+    from inductor_interpreter import InterpretedInductorKernel, InterpretedKernel
+
+    def triton(self, kernel_name, source_code, device_str="cuda"):
+        if "@triton_heuristics.template(" in source_code:  # a flex template kernel
+            return InterpretedKernel(kernel_name, source_code)
+        return InterpretedInductorKernel(kernel_name, source_code)
+
+    monkeypatch.setattr(template, "DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(torch_triton, "triton_hash_with_backend", lambda: "triton-interpreter")
+    monkeypatch.setattr(AsyncCompile, "triton", triton)
+    with config.patch(cpu_backend="triton", fx_graph_cache=False):
+        yield

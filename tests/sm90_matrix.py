@@ -207,7 +207,7 @@ def compile_inductor(job):
                            options={"num_warps": seen["num_warps"], "num_stages": seen["num_stages"]})
         ok, msg = "cubin" in c.asm and len(c.asm["cubin"]) > 0, f"smem={c.metadata.shared}"
     except Exception as e:  # noqa: BLE001
-        ok, msg = False, f"{type(e).__name__}: {str(e)[:400]}"
+        ok, msg = False, f"{type(e).__name__}: {str(e)[-500:]} {e.__cause__!r}"
     return ok, f"inductor-{os.path.basename(path)} ({seen['num_warps']}w{seen['num_stages']}s) {time.time() - t:.1f}s {msg}"
 
 

@@ -32,7 +32,10 @@ def test_backward_gpu_matches_reference(variant, shape, dtype):
 @pytest.mark.parametrize("name", list(LEARNABLE))
 def test_captured_tensor_gradients_gpu(name, dtype):
     factory, make = LEARNABLE[name]
-    check_backward((2, 4, 2, L, L, 64, 64), dtype, factory, None, make(4), device="cuda")
+    # pooled over 6 draws: with 1 to 4 gradient elements, whether one draw's error is within 1.1x the
+    # bf16 reference's is chance (a float64 emulation of an exact-delta kernel: ALiBi slopes over
+    # 2 of 6 draws, while its total error over them is 0.66x the reference's)
+    check_backward((2, 4, 2, L, L, 64, 64), dtype, factory, None, make(4), device="cuda", draws=6)
 
 
 def test_dq_dk_dv_are_deterministic_with_gqa():

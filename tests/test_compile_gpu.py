@@ -146,10 +146,13 @@ def test_inductor_cuda_graph_calls_the_fused_kernel(variant, lowering, monkeypat
     assert_close_to_reference(out / 2, ref, low, torch.bfloat16, "out")
 
 
-@pytest.mark.parametrize("variant", ["causal", "relative_bias", "softcap"])
+@pytest.mark.parametrize("variant", ["noop", "causal", "document", "softcap", "relative_bias"])
 def test_inductor_cuda_backward_runs_fused_kernels(variant, monkeypatch):
-    # the compiled backward is one inductor_flex::flex_backward op: the fused dK/dV and dQ kernels
+    """The compiled backward: the backward template's dK/dV and dQ kernels rendered by Inductor
+    (lowering/backward.py), or, with a floating-point captured tensor (relative_bias's table, whose
+    gradient the kernels would sum), one inductor_flex::flex_backward op running the eager kernels."""
     import inductor_flex.backward as backward_mod
+    from torch._inductor.utils import run_and_get_code
 
     calls = record_calls(monkeypatch, backward_mod, "run_backward")
     dims = (2, 8, 2, 1000, 1000, 128, 128)
@@ -159,10 +162,14 @@ def test_inductor_cuda_backward_runs_fused_kernels(variant, monkeypatch):
     torch._dynamo.reset()
     f = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                                      enable_gqa=True), backend="inductor", fullgraph=True)
-    out = f(q, k, v)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    assert len(calls) == 1
+    g = torch.randn(B, Hq, Lq, Ev, device="cuda", dtype=torch.bfloat16)
+    grads, code = run_and_get_code(lambda: torch.autograd.grad(f(q, k, v), (q, k, v), g))
+    text = "\n".join(code)
+    if variant == "relative_bias":
+        assert len(calls) == 1 and "inductor_flex.flex_backward" in text
+    else:
+        assert not calls and "inductor_flex.flex_backward" not in text
+        assert "_bwd_dkdv_inner" in text and "_bwd_dq_inner" in text
     assert_grads_close(q, k, v, grads, g, score_mod, block_mask, torch.bfloat16)
 
 

@@ -8,73 +8,12 @@ import pytest
 import torch
 
 from inductor_flex import flex_attention
-from inductor_flex.kernel import load_module
 from inductor_flex.lowering import template
 
 from cases import SHAPES, make_inputs, make_variant
+from inductor_interpreter import InterpretedKernel
 from conftest import (assert_close_to_reference, assert_grads_close, compile_counter, reference64,
                       reference_same_dtype)
-
-
-class _InterpreterLibdevice:
-    """libdevice as Triton's interpreter can run it (its own libdevice calls return None here)."""
-
-    def __getattr__(self, name):
-        import triton.language as tl
-
-        table = {
-            "exp2": tl.exp2, "exp": tl.exp, "log": tl.log, "log2": tl.log2, "sqrt": tl.sqrt,
-            "rsqrt": tl.rsqrt, "sin": tl.sin, "cos": tl.cos, "abs": tl.abs, "floor": tl.floor,
-            "ceil": tl.ceil, "tanh": lambda x: 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0),
-            "pow": lambda x, y: tl.exp2(y * tl.log2(x)),
-        }
-        if name not in table:
-            raise NotImplementedError(f"libdevice.{name} has no interpreter stand-in in this test")
-        return table[name]
-
-
-class _InterpretedKernel:
-    """Stands in for Inductor's compiled kernel: the same source, run by Triton's interpreter."""
-
-    sources = []  # every source seen, for the sm_90 compile test
-
-    def __init__(self, name, source):
-        self.sources.append(source)
-        from torch._inductor.runtime import triton_heuristics
-
-        real = triton_heuristics.template
-        triton_heuristics.template = lambda *a, **k: (lambda fn: fn)
-        try:
-            module = load_module(source, True)
-            if hasattr(module, "libdevice"):
-                module.libdevice = _InterpreterLibdevice()
-            self.fn = getattr(module, name)
-        finally:
-            triton_heuristics.template = real
-        self.source = source
-
-    def run(self, *args, stream=None, **kwargs):
-        n = len(self.fn.arg_names)
-        grid = tuple(int(g) for g in args[n:n + 3])
-        self.fn[grid](*args[:n])
-
-
-@pytest.fixture
-def interpreted_inductor(monkeypatch):
-    import torch._inductor.config as config
-    import torch.utils._triton as torch_triton
-    from torch._inductor.async_compile import AsyncCompile
-
-    def triton(self, kernel_name, source_code, device_str="cuda"):
-        if "_attn_fwd_inner" not in source_code:
-            raise NotImplementedError(f"this test graph should hold only the flex template, got {kernel_name}")
-        return _InterpretedKernel(kernel_name, source_code)
-
-    monkeypatch.setattr(template, "DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(torch_triton, "triton_hash_with_backend", lambda: "triton-interpreter")
-    monkeypatch.setattr(AsyncCompile, "triton", triton)
-    with config.patch(cpu_backend="triton", fx_graph_cache=False):
-        yield
 
 
 def _compiled(score_mod, block_mask, gqa, **kw):
@@ -160,14 +99,17 @@ def test_backward_after_template_forward(interpreted_inductor):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite compiles these for real")
-def test_inductor_sources_compile_for_sm90(interpreted_inductor, tmp_path):
+def test_inductor_sources_compile_for_sm90(interpreted_inductor, tmp_path, monkeypatch):
     """The kernels Inductor renders from the template (dense, sparse with captured tensors, tanh)
     compile to sm_90 cubin with the signature and launch options Inductor chose."""
     import os
     import subprocess
     import sys
 
-    _InterpretedKernel.sources.clear()
+    from inductor_flex.lowering import backward as backward_template
+    from inductor_flex.lowering.configs import backward_configs
+
+    InterpretedKernel.sources.clear()
     for variant, shape, dtype in [("noop", "Lq50_Lkv97", torch.float16), ("document", "gqa4x2_E64_Ev32", torch.float16),
                                   ("softcap", "E128_Lq33_Lkv65", torch.bfloat16), ("relative_bias", "odd37_E40",
                                                                                    torch.float32)]:
@@ -178,8 +120,18 @@ def test_inductor_sources_compile_for_sm90(interpreted_inductor, tmp_path):
         fn, _ = _compiled(score_mod, block_mask, dims[1] != dims[2],
                           kernel_options=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))
         fn(q, k, v)  # (bf16 runs garbage through the interpreter's dot; only the source matters here)
-    sources = sorted(set(_InterpretedKernel.sources))
-    assert len(sources) >= 4
+    # the backward templates (dK/dV, dQ), with the H100's first backward candidates
+    monkeypatch.setattr(backward_template, "backward_configs", lambda *a: backward_configs(*a[:5], False)[:1])
+    for variant, shape, dtype in [("noop", "Lq50_Lkv97", torch.float16), ("document", "gqa4x2_E64_Ev32", torch.float16),
+                                  ("softcap", "E128_Lq33_Lkv65", torch.float16)]:
+        dims = SHAPES[shape]
+        q, k, v = make_inputs(dims, dtype, "cpu", requires_grad=True)
+        score_mod, block_mask = make_variant(variant, dims[3], dims[4], dims[1], "cpu", block=128)
+        fn, _ = _compiled(score_mod, block_mask, dims[1] != dims[2])
+        fn(q, k, v)[0].sum().backward()
+    sources = sorted(set(InterpretedKernel.sources))
+    assert sum("_bwd_dkdv_inner" in s for s in sources) >= 3 and sum("_bwd_dq_inner" in s for s in sources) >= 3
+    assert len(sources) >= 10
     for i, src in enumerate(sources):
         (tmp_path / f"kernel_{i}.py").write_text(src)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

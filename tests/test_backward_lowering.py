@@ -1,0 +1,110 @@
+"""The backward template lowered by Inductor (lowering/backward.py): the dK/dV and dQ kernels
+rendered from templates/flex_backward.py.jinja with the score_mod, mask_mod and joint graph lowered
+into their hooks, delta as Inductor's own reduction. As in test_template_lowering.py, Inductor's
+Triton CPU backend generates the graph's kernels and Triton's interpreter runs them, so CI checks
+the numerics of the very source Inductor generates; the GPU suite runs the same on CUDA."""
+import pytest
+import torch
+
+from inductor_flex import flex_attention
+from inductor_flex.lowering import backward as backward_template
+
+from cases import SHAPES, make_inputs, make_variant
+from conftest import assert_grads_close, compile_counter
+
+CASES = [(v, "odd37_E40", torch.float32) for v in (
+    "noop", "causal", "sliding_window", "document", "softcap", "random_blocks", "ops_soup",
+    "empty_rows")] + [
+    ("causal", "Lq50_Lkv97", torch.float32), ("document", "gqa4x2_E64_Ev32", torch.float16),
+    ("noop", "Lq50_Lkv97", torch.float16), ("softcap", "E128_Lq33_Lkv65", torch.float16),
+    ("noop", "gqa4x2_E64_Ev32", torch.float16), ("causal", "gqa4x2_E64_Ev32", torch.float32),
+]
+
+
+def _fwd_bwd(variant, shape, dtype, **kw):
+    from torch._inductor.utils import run_and_get_code
+
+    dims = SHAPES[shape]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, dtype, "cpu", requires_grad=True)
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
+    cnt = compile_counter("inductor")
+
+    def run(q, k, v):
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=Hq != Hkv, **kw)
+
+    fn = torch.compile(run, backend=cnt, fullgraph=True)
+    g = torch.randn(B, Hq, Lq, Ev, dtype=dtype)
+
+    def step():
+        return torch.autograd.grad(fn(q, k, v), (q, k, v), g)
+
+    grads, code = run_and_get_code(step)
+    assert cnt.frame_count == 1
+    return (q, k, v), grads, g, score_mod, block_mask, "\n".join(code)
+
+
+@pytest.mark.parametrize("variant,shape,dtype", CASES, ids=[f"{v}-{s}-{str(d)[6:]}" for v, s, d in CASES])
+def test_inductor_renders_the_backward_template(interpreted_inductor, variant, shape, dtype):
+    (q, k, v), grads, g, score_mod, block_mask, code = _fwd_bwd(variant, shape, dtype)
+    # both backward kernels are Inductor's template kernels, not the custom op nor the decomposition
+    assert "_bwd_dkdv_inner" in code and "_bwd_dq_inner" in code
+    assert "inductor_flex.flex_backward" not in code
+    if variant in ("softcap", "ops_soup"):
+        assert "def score_mod_bwd(" in code and "return grad_score" not in code
+    assert_grads_close(q, k, v, grads, g, score_mod, block_mask, dtype)
+    if variant == "empty_rows":
+        assert (grads[0][:, :, :5] == 0).all()
+
+
+def test_captured_float_tensors_keep_the_custom_op(interpreted_inductor):
+    """A score_mod reading a floating-point tensor has that tensor's gradient to sum (atomics in
+    the custom op's dQ kernel): the backward stays the custom op, and is still right."""
+    (q, k, v), grads, g, score_mod, block_mask, code = _fwd_bwd("relative_bias", "odd37_E40", torch.float32,
+                                                                kernel_options={"BACKEND": "TRITON"})
+    assert "inductor_flex.flex_backward" in code
+    assert_grads_close(q, k, v, grads, g, score_mod, block_mask, torch.float32)
+
+
+def test_disabled_backward_template_keeps_the_custom_op(interpreted_inductor, monkeypatch):
+    monkeypatch.setattr(backward_template, "ENABLED", False)
+    (q, k, v), grads, g, score_mod, block_mask, code = _fwd_bwd("causal", "odd37_E40", torch.float32,
+                                                                kernel_options={"BACKEND": "TRITON"})
+    assert "inductor_flex.flex_backward" in code and "_bwd_dkdv_inner" in code
+    assert_grads_close(q, k, v, grads, g, score_mod, block_mask, torch.float32)
+
+
+def test_stand_in_q_side_is_the_transpose_of_the_kv_side(monkeypatch):
+    """The dK/dV kernel's config benchmarks walk the q-side lists of the causal stand-in: the
+    same blocks as the kv side's, listed per kv block."""
+    from inductor_flex import compat
+    from inductor_flex.lowering import template
+
+    class _Sized:
+        def __init__(self, size):
+            self.size = size
+
+        def get_size(self):
+            return self.size
+
+        def get_device(self):
+            return "cpu"
+
+    monkeypatch.setattr(compat, "size_hint", int)
+    nq, nk = 5, 7
+    for has_full in (True, False):
+        kv = template._stand_in_block_mask(has_full, nq, nk, offset=0)
+        qs = template._stand_in_block_mask(has_full, nq, nk, side="q", offset=0)
+        w = nk if has_full else 1
+        kv_sizes = ([1, 1, nq], [1, 1, nq, nk], [1, 1, nq], [1, 1, nq, w])
+        q_sizes = ([1, 1, nk], [1, 1, nk, nq], [1, 1, nk], [1, 1, nk, nq if has_full else 1])
+        kv_t = [kv[i](_Sized(s)) for i, s in enumerate(kv_sizes)]
+        q_t = [qs[i](_Sized(s)) for i, s in enumerate(q_sizes)]
+
+        def pairs(num, idx, flip=False):
+            got = {(r, int(idx[0, 0, r, j])) for r in range(num.shape[-1]) for j in range(int(num[0, 0, r]))}
+            return {(b, a) for a, b in got} if flip else got
+
+        assert pairs(*kv_t[:2]) == pairs(*q_t[:2], flip=True)
+        assert pairs(*kv_t[2:]) == pairs(*q_t[2:], flip=True)
+        assert len(pairs(*kv_t[:2])) + len(pairs(*kv_t[2:])) == sum(min(nk, r * nk // nq + 1) for r in range(nq))
