@@ -380,6 +380,10 @@ def _backward_functionalize(ctx, query, key, value, out, lse, grad_out, grad_lse
 
 
 # ---- autograd ----------------------------------------------------------------------------------
+# backward HOP kernel_options key: for each score_mod captured value, whether its gradient is used
+SCORE_BUF_GRADS = "_SCORE_BUF_GRADS"
+
+
 class _FlexAttentionAutograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, score_mod, joint_graph, block_mask, scale, kernel_options, n_score_bufs, *bufs):
@@ -414,8 +418,12 @@ class _FlexAttentionAutograd(torch.autograd.Function):
         bm = tuple(bm)
         if grad_out is None:
             grad_out = torch.zeros_like(out)
+        # which captured score_mod tensors want a gradient: a backward that sums none of them can be
+        # Inductor's template (lowering/backward.py)
+        wanted = tuple(bool(ctx.needs_input_grad[9 + i]) for i in range(ctx.n_score_bufs))
+        options = {**(ctx.kernel_options or {}), SCORE_BUF_GRADS: wanted}
         dq, dk, dv, dbufs = flex_attention_backward_hop(
-            query, key, value, out, lse, grad_out, grad_lse, ctx.fw_graph, ctx.joint_graph, bm, ctx.scale, ctx.kernel_options,
+            query, key, value, out, lse, grad_out, grad_lse, ctx.fw_graph, ctx.joint_graph, bm, ctx.scale, options,
             score_bufs, mask_bufs)
         grads_bufs = list(dbufs) + [None] * len(mask_bufs)
         return (dq, dk, dv, None, None, None, None, None, None, *grads_bufs)

@@ -9,9 +9,10 @@ reduction, so it fuses with whatever produced dO. Both kernels' block sizes are 
 Inductor's template benchmarks from the eager autotuner's candidates (``lowering/configs.py``).
 
 Which backward calls come here is decided while AOTAutograd traces the backward HOP (``takes``):
-the calls the forward template takes, with no floating-point tensor captured by the score_mod
-(their gradients, summed by atomics, stay with the custom op of ``lowering/kernel_op.py``) and
-without the FUSED_DQ / pinned-config options of the eager kernels.
+the calls the forward template takes where no floating-point tensor captured by the score_mod
+needs a gradient (the autograd rule names those that do, ``hop.SCORE_BUF_GRADS``; their
+gradients, summed by atomics, stay with the custom op of ``lowering/kernel_op.py``) and without
+the FUSED_DQ / pinned-config options of the eager kernels.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Dict
 import torch
 
 from inductor_flex import compat
+from inductor_flex.hop import SCORE_BUF_GRADS
 from inductor_flex.templates import render
 
 from . import template as fwd
@@ -52,8 +54,9 @@ def takes(query, key, value, fw_graph, joint_graph, block_mask, kernel_options, 
     opts = dict(kernel_options or {})
     if not ENABLED or joint_graph is None or any(k in opts for k in _PINNED):
         return False
-    if any(isinstance(b, torch.Tensor) and b.dtype.is_floating_point for b in score_bufs):
-        return False  # captured-tensor gradients: the custom op's atomics
+    wanted = opts.get(SCORE_BUF_GRADS, (True,) * len(score_bufs))
+    if any(isinstance(b, torch.Tensor) and b.dtype.is_floating_point and w for b, w in zip(score_bufs, wanted)):
+        return False  # a captured tensor's gradient to sum: the custom op's atomics
     return fwd.takes(query, key, value, fw_graph, block_mask, kernel_options, score_bufs, mask_bufs)
 
 
@@ -142,6 +145,24 @@ _GRIDS = {"dkdv": _dkdv_grid, "dq": _dq_grid}
 
 
 # ---- the lowering ------------------------------------------------------------------------------
+def _score_grad_only(gm):
+    """The joint graph with its captured-tensor gradients dropped (none is used here, see takes):
+    only the score's gradient, a pointwise value the template can inline."""
+    import copy
+
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    if len(out.args[0]) == 1:
+        return gm
+    gm = copy.deepcopy(gm)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((out.args[0][0],),)
+    for node in reversed(list(gm.graph.nodes)):  # (the in-place index_put_ of a gradient counts as impure)
+        if node.op not in ("placeholder", "output") and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
 def _delta(out, grad_out, grad_lse):
     """rowsum(dO · O) - dLSE in float32, as Inductor's own reduction."""
     L, aten, prims = compat.inductor_lowering, torch.ops.aten, torch.ops.prims
@@ -178,7 +199,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
                  fwd._subgraph_buffer(block_mask[12].graph_module, [*idx, *mask_bufs])]
     if has_score_mod:
         grad_ph = fwd._placeholder("grad_score", torch.float32, device)
-        subgraphs.append(fwd._subgraph_buffer(fwd._exp_tanh(joint_graph.graph_module),
+        subgraphs.append(fwd._subgraph_buffer(fwd._exp_tanh(_score_grad_only(joint_graph.graph_module)),
                                               [score_ph, *idx, grad_ph, *score_bufs]))
 
     dense = block_mask[2] is None
@@ -240,4 +261,4 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
     if not choices:
         raise RuntimeError(f"inductor_flex: no dQ template config could be generated: {error}")
     dq = compat.select_template("inductor_flex_backward_dq", choices, inputs + extra, layout, gen)
-    return dq, dk, dv, tuple(None for _ in score_bufs)
+    return dq, dk, dv, tuple(None for _ in score_bufs)  # (takes: no captured-tensor gradient is used)

@@ -10,10 +10,11 @@ from inductor_flex import flex_attention
 from inductor_flex.lowering import backward as backward_template
 
 from cases import SHAPES, make_inputs, make_variant
-from conftest import assert_grads_close, compile_counter
+from conftest import assert_close_to_reference, assert_grads_close, compile_counter
 
 CASES = [(v, "odd37_E40", torch.float32) for v in (
-    "noop", "causal", "sliding_window", "document", "softcap", "random_blocks", "ops_soup",
+    "noop", "causal", "sliding_window", "document", "softcap", "random_blocks", "ops_soup", "relative_bias",
+    "head_scale",
     "empty_rows")] + [
     ("causal", "Lq50_Lkv97", torch.float32), ("document", "gqa4x2_E64_Ev32", torch.float16),
     ("noop", "Lq50_Lkv97", torch.float16), ("softcap", "E128_Lq33_Lkv65", torch.float16),
@@ -50,20 +51,40 @@ def test_inductor_renders_the_backward_template(interpreted_inductor, variant, s
     # both backward kernels are Inductor's template kernels, not the custom op nor the decomposition
     assert "_bwd_dkdv_inner" in code and "_bwd_dq_inner" in code
     assert "inductor_flex.flex_backward" not in code
-    if variant in ("softcap", "ops_soup"):
+    if variant in ("softcap", "ops_soup", "relative_bias", "head_scale"):
         assert "def score_mod_bwd(" in code and "return grad_score" not in code
     assert_grads_close(q, k, v, grads, g, score_mod, block_mask, dtype)
     if variant == "empty_rows":
         assert (grads[0][:, :, :5] == 0).all()
 
 
-def test_captured_float_tensors_keep_the_custom_op(interpreted_inductor):
-    """A score_mod reading a floating-point tensor has that tensor's gradient to sum (atomics in
-    the custom op's dQ kernel): the backward stays the custom op, and is still right."""
-    (q, k, v), grads, g, score_mod, block_mask, code = _fwd_bwd("relative_bias", "odd37_E40", torch.float32,
-                                                                kernel_options={"BACKEND": "TRITON"})
-    assert "inductor_flex.flex_backward" in code
-    assert_grads_close(q, k, v, grads, g, score_mod, block_mask, torch.float32)
+def test_learned_captured_tensors_keep_the_custom_op(interpreted_inductor):
+    """A score_mod reading a tensor that requires grad has that gradient to sum (atomics in the
+    custom op's dQ kernel): the backward stays the custom op, and all gradients are right. (A
+    frozen table, as in the relative_bias case above, takes the template.)"""
+    from torch._inductor.utils import run_and_get_code
+
+    from cases import LEARNABLE_LEN as L, rel_bias
+    from inductor_flex.reference import math_attention
+
+    dims = (1, 2, 2, L, L, 32, 32)
+    q, k, v = make_inputs(dims, torch.float32, "cpu")
+    table = torch.randn(2, 2 * L - 1)
+    g = torch.randn(1, 2, L, 32)
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v, table)]
+        out = fn(*leaves)
+        return torch.autograd.grad(out, leaves, g.to(dtype))
+
+    compiled = torch.compile(lambda q, k, v, t: flex_attention(q, k, v, score_mod=rel_bias(t),
+                                                               kernel_options={"BACKEND": "TRITON"}), fullgraph=True)
+    got, code = run_and_get_code(lambda: grads(compiled, torch.float32))
+    assert "inductor_flex.flex_backward" in "\n".join(code)
+    ref = grads(lambda q, k, v, t: math_attention(q, k, v, rel_bias(t))[0], torch.float64)
+    low = grads(lambda q, k, v, t: math_attention(q, k, v, rel_bias(t))[0], torch.float32)
+    for name, a, r, lo in zip(("dq", "dk", "dv", "d table"), got, ref, low):
+        assert_close_to_reference(a, r, lo, torch.float32, name)
 
 
 def test_disabled_backward_template_keeps_the_custom_op(interpreted_inductor, monkeypatch):

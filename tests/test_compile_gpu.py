@@ -146,11 +146,11 @@ def test_inductor_cuda_graph_calls_the_fused_kernel(variant, lowering, monkeypat
     assert_close_to_reference(out / 2, ref, low, torch.bfloat16, "out")
 
 
-@pytest.mark.parametrize("variant", ["noop", "causal", "document", "softcap", "relative_bias"])
+@pytest.mark.parametrize("variant", ["noop", "causal", "document", "softcap", "relative_bias", "learned_bias"])
 def test_inductor_cuda_backward_runs_fused_kernels(variant, monkeypatch):
     """The compiled backward: the backward template's dK/dV and dQ kernels rendered by Inductor
-    (lowering/backward.py), or, with a floating-point captured tensor (relative_bias's table, whose
-    gradient the kernels would sum), one inductor_flex::flex_backward op running the eager kernels."""
+    (lowering/backward.py), also with relative_bias's frozen table; with a table that requires grad
+    (its gradient summed by atomics), one inductor_flex::flex_backward op running the eager kernels."""
     import inductor_flex.backward as backward_mod
     from torch._inductor.utils import run_and_get_code
 
@@ -158,14 +158,20 @@ def test_inductor_cuda_backward_runs_fused_kernels(variant, monkeypatch):
     dims = (2, 8, 2, 1000, 1000, 128, 128)
     B, Hq, Hkv, Lq, Lkv, E, Ev = dims
     q, k, v = make_inputs(dims, torch.bfloat16, "cuda", requires_grad=True)
-    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda", block=128)
+    score_mod, block_mask = make_variant("relative_bias" if variant == "learned_bias" else variant, Lq, Lkv, Hq,
+                                         "cuda", block=128)
+    if variant == "learned_bias":
+        table = torch.randn(Hq, 2 * Lq - 1, device="cuda", requires_grad=True)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + table[h, q_idx - kv_idx + Lq - 1]
     torch._dynamo.reset()
     f = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                                      enable_gqa=True), backend="inductor", fullgraph=True)
     g = torch.randn(B, Hq, Lq, Ev, device="cuda", dtype=torch.bfloat16)
     grads, code = run_and_get_code(lambda: torch.autograd.grad(f(q, k, v), (q, k, v), g))
     text = "\n".join(code)
-    if variant == "relative_bias":
+    if variant == "learned_bias":
         assert len(calls) == 1 and "inductor_flex.flex_backward" in text
     else:
         assert not calls and "inductor_flex.flex_backward" not in text
