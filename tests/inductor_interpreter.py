@@ -22,6 +22,24 @@ class InterpreterLibdevice:
         return table[name]
 
 
+def _interpreted(name, source, decorators):
+    """Kernel ``name`` of Inductor's ``source`` as a Triton interpreter function: the named
+    triton_heuristics decorators (autotuning launchers) replaced by no-ops while it loads."""
+    from torch._inductor.runtime import triton_heuristics
+
+    real = {k: getattr(triton_heuristics, k) for k in decorators}
+    for k in decorators:
+        setattr(triton_heuristics, k, lambda *a, **kw: (lambda fn: fn))
+    try:
+        module = load_module(source, True)
+        if hasattr(module, "libdevice"):
+            module.libdevice = InterpreterLibdevice()
+        return getattr(module, name)
+    finally:
+        for k, f in real.items():
+            setattr(triton_heuristics, k, f)
+
+
 class InterpretedKernel:
     """Stands in for Inductor's compiled kernel: the same source, run by Triton's interpreter."""
 
@@ -29,17 +47,7 @@ class InterpretedKernel:
 
     def __init__(self, name, source):
         self.sources.append(source)
-        from torch._inductor.runtime import triton_heuristics
-
-        real = triton_heuristics.template
-        triton_heuristics.template = lambda *a, **k: (lambda fn: fn)
-        try:
-            module = load_module(source, True)
-            if hasattr(module, "libdevice"):
-                module.libdevice = InterpreterLibdevice()
-            self.fn = getattr(module, name)
-        finally:
-            triton_heuristics.template = real
+        self.fn = _interpreted(name, source, ("template",))
         self.source = source
 
     def run(self, *args, stream=None, **kwargs):
@@ -57,20 +65,7 @@ class InterpretedInductorKernel:
     def __init__(self, name, source):
         import re
 
-        from torch._inductor.runtime import triton_heuristics
-
-        names = ("pointwise", "reduction", "persistent_reduction")
-        real = {k: getattr(triton_heuristics, k) for k in names}
-        for k in names:
-            setattr(triton_heuristics, k, lambda *a, **kw: (lambda fn: fn))
-        try:
-            module = load_module(source, True)
-            if hasattr(module, "libdevice"):
-                module.libdevice = InterpreterLibdevice()
-            self.fn = getattr(module, name)
-        finally:
-            for k, f in real.items():
-                setattr(triton_heuristics, k, f)
+        self.fn = _interpreted(name, source, ("pointwise", "reduction", "persistent_reduction"))
         self.axis = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w)offset = tl\.program_id\((\d)\)", source)}
 
     def run(self, *args, stream=None, **kwargs):
