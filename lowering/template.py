@@ -255,7 +255,7 @@ def _example_inputs(tensors, offset: int):
 def _recorded_block_mask(tensors, nodes, offset: int = 5):
     """Example BlockMask tensors for Inductor's config benchmarks: the real ones Dynamo recorded
     (lowering/tuning_masks.py), where they fit the graph's shapes; else None."""
-    if tensors is None or tensors[0] is None:
+    if not tensors or tensors[0] is None:
         return None
     sizes = [[compat.size_hint(d) for d in n.get_size()] for n in nodes]
     if tensors[2] is None:  # no full blocks: the lowering's zero stand-ins

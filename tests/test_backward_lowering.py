@@ -129,3 +129,60 @@ def test_stand_in_q_side_is_the_transpose_of_the_kv_side(monkeypatch):
         assert pairs(*kv_t[:2]) == pairs(*q_t[:2], flip=True)
         assert pairs(*kv_t[2:]) == pairs(*q_t[2:], flip=True)
         assert len(pairs(*kv_t[:2])) + len(pairs(*kv_t[2:])) == sum(min(nk, r * nk // nq + 1) for r in range(nq))
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["recorded", "unknown"])
+def test_backward_config_benchmarks_use_the_real_block_mask(interpreted_inductor, monkeypatch, known):
+    """The dK/dV kernel's config benchmarks walk the real q-side lists and the dQ kernel's the real
+    kv-side lists when Dynamo saw the BlockMask's tensors (lowering/tuning_masks.py), else the
+    causal stand-in and its transpose."""
+    from inductor_flex import compat, create_block_mask
+    from inductor_flex.lowering import template
+    from inductor_flex.variants import generate_causal_mask, generate_doc_mask_mod
+
+    seen = {}
+    real_select = compat.select_template
+
+    def spy(name, choices, inputs, layout, gen):
+        first = {"inductor_flex_backward_dkdv": 7, "inductor_flex_backward_dq": 6}.get(name)
+        if first is not None:
+            seen[name] = [gen[first + i](inputs[first + i]) for i in range(4)]
+        return real_select(name, choices, inputs, layout, gen)
+
+    monkeypatch.setattr(compat, "select_template", spy)
+    torch._dynamo.reset()
+    if not known:
+        monkeypatch.setattr(compat, "dynamo_input_value", lambda vt: None)
+    dims = SHAPES["odd37_E40"]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, torch.float32, "cpu", requires_grad=True)
+    ids = torch.tensor([0] * 5 + [1] * 20 + [2] * 12, dtype=torch.int32)
+    bm = create_block_mask(generate_doc_mask_mod(generate_causal_mask(), ids), None, None, Lq, Lkv, device="cpu",
+                           BLOCK_SIZE=16)
+    fn = torch.compile(lambda q, k, v, bm: flex_attention(q, k, v, block_mask=bm), fullgraph=True)
+    g = torch.randn(B, Hq, Lq, Ev)
+    grads = torch.autograd.grad(fn(q, k, v, bm), (q, k, v), g)
+    monkeypatch.setattr(compat, "size_hint", int)  # outside a graph lowering
+
+    class _Sized:
+        def __init__(self, t):
+            self.t = t
+
+        def get_size(self):
+            return list(self.t.shape)
+
+        def get_device(self):
+            return "cpu"
+
+    nq, nk = bm.kv_indices.shape[-2:]
+    sides = {"inductor_flex_backward_dkdv": ("q", [bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks,
+                                                   bm.full_q_indices]),
+             "inductor_flex_backward_dq": ("kv", [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks,
+                                                  bm.full_kv_indices])}
+    assert set(seen) == set(sides)
+    for name, (side, real) in sides.items():
+        stand_in = template._stand_in_block_mask(True, nq, nk, side=side, offset=0)
+        want = real if known else [stand_in[i](_Sized(t)) for i, t in enumerate(real)]
+        for made, w in zip(seen[name], want):
+            assert torch.equal(made, w.to(torch.int32)), name
+    assert_grads_close(q, k, v, grads, g, None, bm, torch.float32)
