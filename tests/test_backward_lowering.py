@@ -11,6 +11,7 @@ from inductor_flex.lowering import backward as backward_template
 
 from cases import SHAPES, make_inputs, make_variant
 from conftest import assert_close_to_reference, assert_grads_close, compile_counter
+from test_template_lowering import _Sized
 
 CASES = [(v, "odd37_E40", torch.float32) for v in (
     "noop", "causal", "sliding_window", "document", "softcap", "random_blocks", "ops_soup", "relative_bias",
@@ -101,16 +102,6 @@ def test_stand_in_q_side_is_the_transpose_of_the_kv_side(monkeypatch):
     from inductor_flex import compat
     from inductor_flex.lowering import template
 
-    class _Sized:
-        def __init__(self, size):
-            self.size = size
-
-        def get_size(self):
-            return self.size
-
-        def get_device(self):
-            return "cpu"
-
     monkeypatch.setattr(compat, "size_hint", int)
     nq, nk = 5, 7
     for has_full in (True, False):
@@ -119,8 +110,8 @@ def test_stand_in_q_side_is_the_transpose_of_the_kv_side(monkeypatch):
         w = nk if has_full else 1
         kv_sizes = ([1, 1, nq], [1, 1, nq, nk], [1, 1, nq], [1, 1, nq, w])
         q_sizes = ([1, 1, nk], [1, 1, nk, nq], [1, 1, nk], [1, 1, nk, nq if has_full else 1])
-        kv_t = [kv[i](_Sized(s)) for i, s in enumerate(kv_sizes)]
-        q_t = [qs[i](_Sized(s)) for i, s in enumerate(q_sizes)]
+        kv_t = [kv[i](_Sized(torch.empty(s))) for i, s in enumerate(kv_sizes)]
+        q_t = [qs[i](_Sized(torch.empty(s))) for i, s in enumerate(q_sizes)]
 
         def pairs(num, idx, flip=False):
             got = {(r, int(idx[0, 0, r, j])) for r in range(num.shape[-1]) for j in range(int(num[0, 0, r]))}
@@ -163,16 +154,6 @@ def test_backward_config_benchmarks_use_the_real_block_mask(interpreted_inductor
     g = torch.randn(B, Hq, Lq, Ev)
     grads = torch.autograd.grad(fn(q, k, v, bm), (q, k, v), g)
     monkeypatch.setattr(compat, "size_hint", int)  # outside a graph lowering
-
-    class _Sized:
-        def __init__(self, t):
-            self.t = t
-
-        def get_size(self):
-            return list(self.t.shape)
-
-        def get_device(self):
-            return "cpu"
 
     nq, nk = bm.kv_indices.shape[-2:]
     sides = {"inductor_flex_backward_dkdv": ("q", [bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks,
