@@ -16,9 +16,7 @@ the FUSED_DQ / pinned-config options of the eager kernels.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-from typing import Dict
 
 import torch
 
@@ -32,7 +30,8 @@ from .configs import backward_configs, head_pad
 
 ENABLED = True
 _PINNED = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "FUSED_DQ")
-_templates: Dict[str, object] = {}
+_DKDV_BM = ("Q_NUM", "Q_IDX", "FULL_Q_NUM", "FULL_Q_IDX")
+_DQ_BM = ("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX")
 
 _SCALARS = [
     '    Q_LEN = {{size("Q", 2)}}',
@@ -83,9 +82,6 @@ def _kernel_def(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: fl
     return "\n".join(lines)
 
 
-_DKDV_BM = ("Q_NUM", "Q_IDX", "FULL_Q_NUM", "FULL_Q_IDX")
-_DQ_BM = ("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX")
-
 def _store(transposed: bool) -> str:
     rows, val, mask, tile = ("idx_n", "dk", "dk_mask", "BLOCK_N") if transposed else ("idx_m", "dq", "dq_mask", "BLOCK_M")
     shape = f', val_shape=("{tile}", "QK_PAD")' if compat.store_output_takes_shape() else ""
@@ -123,14 +119,7 @@ def _template(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: floa
         score_bwd_args=argdefs if has_score_mod else "",
         store_output=_store(transposed),
     )
-    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
-    tmpl = _templates.get(digest)
-    if tmpl is None:
-        _, _, SymbolicGridFn, _ = compat.inductor_template_api()
-        tmpl = compat.new_triton_template(f"inductor_flex_bwd_{kernel}_{digest}", SymbolicGridFn(_GRIDS[kernel]),
-                                          source)
-        _templates[digest] = tmpl
-    return tmpl
+    return fwd.triton_template(f"inductor_flex_bwd_{kernel}", source, _GRIDS[kernel])
 
 
 def _dkdv_grid(batch, heads, kv_len, head_dim, meta, *, cdiv):

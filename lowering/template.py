@@ -153,13 +153,18 @@ def _template(dense: bool, bm_strides, qk_scale: float, score_loads: bool, mask_
         store_output='{{store_output(("idx_b", "idx_h", "idx_m", "idx_d"), "acc", "o_mask"%s)}}' % (
             ', val_shape=("BLOCK_M", "V_PAD")' if compat.store_output_takes_shape() else ""),
     )
+    return triton_template("inductor_flex_fwd", source, _grid)
+
+
+def triton_template(prefix: str, source: str, grid):
+    """Inductor's TritonTemplate for a stage-one ``source``, one per distinct source."""
     import hashlib
 
     digest = hashlib.sha256(source.encode()).hexdigest()[:12]
     tmpl = _templates.get(digest)
     if tmpl is None:
         _, _, SymbolicGridFn, _ = compat.inductor_template_api()
-        tmpl = compat.new_triton_template(f"inductor_flex_fwd_{digest}", SymbolicGridFn(_grid), source)
+        tmpl = compat.new_triton_template(f"{prefix}_{digest}", SymbolicGridFn(grid), source)
         _templates[digest] = tmpl
     return tmpl
 
