@@ -3,6 +3,12 @@
 
     python benchmarks/profile_host.py --case decode   # B=8, Hq=32, Hkv=8, S=8192, D=128, Lq=1, bf16
     python benchmarks/profile_host.py --case forward  # B=4, H=16, S=4096, D=128, bf16
+    python benchmarks/profile_host.py --case fwdbwd   # B=16, H=16, S=1024, D=128, document mask,
+                                                      # forward + backward
+
+For fwdbwd it also prints the host time of the forward call and of out.backward() apart: when the
+backward's host time (the launches of delta, dK/dV and dQ) exceeds the GPU time of the forward, the
+GPU waits between the two, which is what makes short eager steps host-bound.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from inductor_flex import flex_attention  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=("decode", "forward"), default="decode")
+    ap.add_argument("--case", choices=("decode", "forward", "fwdbwd"), default="decode")
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
@@ -30,9 +36,11 @@ def main():
     if args.case == "decode":
         q = torch.randn(8, 32, 1, 128, dtype=dt, device=dev)
         k = torch.randn(8, 8, 8192, 128, dtype=dt, device=dev)
-    else:
+    elif args.case == "forward":
         q = torch.randn(4, 16, 4096, 128, dtype=dt, device=dev)
         k = torch.randn(4, 16, 4096, 128, dtype=dt, device=dev)
+    else:
+        return fwdbwd(args)
     v = torch.randn_like(k)
 
     def call():
@@ -51,6 +59,51 @@ def main():
     prof.enable()
     for _ in range(args.calls):
         call()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+
+
+def fwdbwd(args):
+    from inductor_flex import create_block_mask, variants
+
+    dev, dt, S = "cuda", torch.bfloat16, 1024
+    g = torch.Generator().manual_seed(0)
+    cuts = (torch.randperm(S - 1, generator=g)[:7] + 1).sort().values
+    lengths = torch.diff(torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.full((1,), S)]))
+    ids = torch.repeat_interleave(torch.arange(8, dtype=torch.int32), lengths).to(dev)
+    mask = variants.generate_doc_mask_mod(variants.generate_causal_mask(), ids)
+    bm = create_block_mask(mask, None, None, S, S, device=dev)
+    q, k, v, dout = (torch.randn(16, 16, S, 128, dtype=dt, device=dev) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+    fwd_s, bwd_s = [], []
+
+    def step():
+        t0 = time.perf_counter()
+        out = flex_attention(q, k, v, block_mask=bm)
+        t1 = time.perf_counter()
+        out.backward(dout)
+        fwd_s.append(t1 - t0)
+        bwd_s.append(time.perf_counter() - t1)
+        for t in (q, k, v):
+            t.grad = None
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    fwd_s.clear()
+    bwd_s.clear()
+    calls = min(args.calls, 100)  # stay below the launch queue's depth: host time, not GPU time
+    for _ in range(calls):
+        step()
+        torch.cuda.synchronize()
+    print(f"fwdbwd: forward {sorted(fwd_s)[calls // 2] * 1e6:.1f} us host, backward "
+          f"{sorted(bwd_s)[calls // 2] * 1e6:.1f} us host (medians, synchronized between steps)")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
     prof.disable()
     torch.cuda.synchronize()
     pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
