@@ -613,6 +613,15 @@ def write_reports(path_base: str, meta: dict, results: List[dict], skipped: List
 
 
 # ------------------------------------------------------------------------------------------- main
+def add_case_arguments(ap: argparse.ArgumentParser) -> None:
+    """--case/--S/--B/--H/--D for the one-case tools (profile_kernels.py, sweep_backward.py)."""
+    ap.add_argument("--case", default="causal", choices=ALL_CASES)
+    ap.add_argument("--S", type=int, default=4096)
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--H", type=int, default=16)
+    ap.add_argument("--D", type=int, default=128)
+
+
 def _csv(s: str) -> List[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 

@@ -44,11 +44,7 @@ def kernel_times(step, steps: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", default="causal", choices=BA.ALL_CASES)
-    ap.add_argument("--S", type=int, default=4096)
-    ap.add_argument("--B", type=int, default=4)
-    ap.add_argument("--H", type=int, default=16)
-    ap.add_argument("--D", type=int, default=128)
+    BA.add_case_arguments(ap)
     ap.add_argument("--peers", default="ours,ours_compiled,torch_flex")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--fwd-only", action="store_true")

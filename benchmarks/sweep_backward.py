@@ -31,11 +31,7 @@ GRID = {
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", default="causal", choices=BA.ALL_CASES)
-    ap.add_argument("--S", type=int, default=4096)
-    ap.add_argument("--B", type=int, default=4)
-    ap.add_argument("--H", type=int, default=16)
-    ap.add_argument("--D", type=int, default=128)
+    BA.add_case_arguments(ap)
     ap.add_argument("--kernels", default="dkdv,dq")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
