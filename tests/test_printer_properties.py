@@ -1,0 +1,160 @@
+"""Property tests of the FX -> Triton printer (inductor_flex/printer.py): random score_mod / mask_mod
+programs x random shapes, the printed kernels run by Triton's interpreter against the float64 math
+path, forward and backward (the backward also prints the score_mod's joint graph).
+
+A program is a small expression tree over the mods' arguments: integer arithmetic on the indices
+(floor division and modulo by constants, with negative operands, which Triton's C-style `//` and
+`%` do not follow on their own), comparisons and boolean algebra for masks, and float arithmetic,
+transcendental functions, `where`, and a captured table read at a computed index for score_mods."""
+import torch
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+
+from inductor_flex import create_block_mask, flex_attention
+from inductor_flex.reference import math_attention
+
+from conftest import assert_close_to_reference
+from test_backward_interpreter import check_backward
+
+TRITON = {"BACKEND": "TRITON"}
+TABLE = 11  # entries of the captured table; reads wrap with a Python-style modulo
+
+# ---- programs: expression trees, and Python callables that evaluate them with torch ops -------
+_ints = st.recursive(
+    st.one_of(st.sampled_from(["q_idx", "kv_idx", "h", "b"]), st.tuples(st.just("const"), st.integers(-6, 6))),
+    lambda sub: st.one_of(
+        st.tuples(st.sampled_from(["add", "sub", "min", "max"]), sub, sub),
+        st.tuples(st.sampled_from(["floordiv", "mod", "mul"]), sub, st.integers(1, 7)),
+        st.tuples(st.just("abs"), sub),
+    ),
+    max_leaves=5,
+)
+_bools = st.recursive(
+    st.tuples(st.sampled_from(["lt", "le", "ge", "eq", "ne"]), _ints, _ints),
+    lambda sub: st.one_of(st.tuples(st.sampled_from(["and", "or"]), sub, sub), st.tuples(st.just("not"), sub)),
+    max_leaves=3,
+)
+_floats = st.recursive(
+    st.one_of(st.just("score"), st.tuples(st.just("float"), _ints), st.tuples(st.just("table"), _ints)),
+    lambda sub: st.one_of(
+        st.tuples(st.sampled_from(["fadd", "fsub", "fmax", "fmin"]), sub, sub),
+        st.tuples(st.just("fmul"), sub, st.floats(-2.0, 2.0, allow_nan=False).map(lambda c: round(c, 3))),
+        st.tuples(st.sampled_from(["tanh", "sigmoid", "fabs", "sin"]), sub),
+        st.tuples(st.just("where"), _bools, sub, sub),
+    ),
+    max_leaves=6,
+)
+
+
+def _eval(node, env):
+    if isinstance(node, str):
+        return env[node]
+    op, *args = node
+    if op == "const":
+        return env["q_idx"] * 0 + args[0]  # a tensor, like every other integer value
+    if op == "float":
+        # integer -> float: a small slope keeps scores in softmax's comfortable range
+        return _eval(args[0], env) * 0.1
+    if op == "table":
+        return env["table"][_eval(args[0], env) % TABLE]
+    a = _eval(args[0], env)
+    if op in ("floordiv", "mod", "mul", "fmul"):
+        c = args[1]
+        return {"floordiv": lambda: a // c, "mod": lambda: a % c, "mul": lambda: a * c, "fmul": lambda: a * c}[op]()
+    if op in ("abs", "fabs"):
+        return a.abs()
+    if op in ("tanh", "sigmoid", "sin"):
+        return getattr(torch, op)(a)
+    if op == "not":
+        return torch.logical_not(a)
+    if op == "where":
+        return torch.where(a, _eval(args[1], env), _eval(args[2], env))
+    b = _eval(args[1], env)
+    fn = {
+        "add": torch.add, "fadd": torch.add, "sub": torch.sub, "fsub": torch.sub, "min": torch.minimum,
+        "max": torch.maximum, "fmin": torch.minimum, "fmax": torch.maximum, "lt": torch.lt, "le": torch.le,
+        "ge": torch.ge, "eq": torch.eq, "ne": torch.ne, "and": torch.logical_and, "or": torch.logical_or,
+    }[op]
+    return fn(a, b)
+
+
+def score_mod_of(tree, table):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        env = dict(score=score, b=b, h=h, q_idx=q_idx, kv_idx=kv_idx, table=table)
+        return score + 0.5 * _eval(tree, env).to(score.dtype)
+
+    score_mod.__name__ = f"random_score_{abs(hash(repr(tree))) % 10**8}"
+    return score_mod
+
+
+def mask_mod_of(tree):
+    def mask_mod(b, h, q_idx, kv_idx):
+        # the diagonal keeps most rows non-empty; the random part decides the rest
+        return (q_idx == kv_idx) | _eval(tree, dict(b=b, h=h, q_idx=q_idx, kv_idx=kv_idx))
+
+    mask_mod.__name__ = f"random_mask_{abs(hash(repr(tree))) % 10**8}"
+    return mask_mod
+
+
+_shapes = st.tuples(
+    st.integers(1, 2), st.integers(1, 2), st.integers(1, 2),   # B, Hkv, GQA group
+    st.integers(1, 40), st.integers(1, 40),                    # Lq, Lkv
+    st.sampled_from([8, 16, 24]), st.sampled_from([8, 16]),    # E, Ev
+)
+_SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _case(shape, score_tree, mask_tree, device="cpu"):
+    B, Hkv, G, Lq, Lkv, E, Ev = shape
+    table = torch.randn(TABLE, device=device)
+    score_mod = score_mod_of(score_tree, table) if score_tree is not None else None
+    block_mask = (create_block_mask(mask_mod_of(mask_tree), B, Hkv * G, Lq, Lkv, device=device, BLOCK_SIZE=16)
+                  if mask_tree is not None else None)
+    return (B, Hkv * G, Hkv, Lq, Lkv, E, Ev), score_mod, block_mask
+
+
+# negative operands of // and % (Python floors, C truncates), and a table read at a negative index
+_NEGATIVE_DIV = ("fadd", ("float", ("floordiv", ("sub", "kv_idx", "q_idx"), 3)), ("table", ("sub", "kv_idx", "q_idx")))
+_NEGATIVE_MOD = ("eq", ("mod", ("sub", "kv_idx", "q_idx"), 4), ("const", 1))
+
+
+@settings(max_examples=40, **_SETTINGS)
+@given(shape=_shapes, score_tree=st.one_of(st.none(), _floats), mask_tree=st.one_of(st.none(), _bools))
+@example(shape=(1, 1, 2, 37, 29, 16, 8), score_tree=_NEGATIVE_DIV, mask_tree=_NEGATIVE_MOD)
+def test_random_programs_forward(shape, score_tree, mask_tree):
+    full, score_mod, block_mask = _case(shape, score_tree, mask_tree)
+    B, Hq, Hkv, Lq, Lkv, E, Ev = full
+    q = torch.randn(B, Hq, Lq, E)
+    k = torch.randn(B, Hkv, Lkv, E)
+    v = torch.randn(B, Hkv, Lkv, Ev)
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=Hq != Hkv,
+                              return_lse=True, kernel_options=TRITON)
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
+    low_out, low_lse, _ = math_attention(q, k, v, score_mod, block_mask)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert_close_to_reference(out, ref_out, low_out, torch.float32, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.float32, "lse")
+
+
+@settings(max_examples=15, **_SETTINGS)
+@given(shape=_shapes, score_tree=_floats, mask_tree=st.one_of(st.none(), _bools))
+@example(shape=(1, 1, 2, 37, 29, 16, 8), score_tree=_NEGATIVE_DIV, mask_tree=_NEGATIVE_MOD)
+def test_random_programs_backward(shape, score_tree, mask_tree):
+    full, score_mod, block_mask = _case(shape, score_tree, mask_tree)
+    check_backward(full, torch.float32, score_mod, block_mask)
+
+
+def test_programs_are_printed_not_sent_to_the_math_path(monkeypatch):
+    # the property tests above would pass vacuously if BACKEND "TRITON" quietly ran the math path
+    import inductor_flex.attention as attention
+
+    def boom(*a, **k):
+        raise AssertionError("math path called")
+
+    monkeypatch.setattr(attention, "math_attention", boom)
+    tree = ("where", ("lt", ("floordiv", ("sub", "q_idx", "kv_idx"), 3), ("const", -1)),
+            ("tanh", "score"), ("table", ("mod", "kv_idx", 4)))
+    full, score_mod, block_mask = _case((1, 1, 2, 21, 19, 16, 8), tree, ("ge", ("mod", "q_idx", 5), ("const", 2)))
+    B, Hq, Hkv, Lq, Lkv, E, Ev = full
+    out = flex_attention(torch.randn(B, Hq, Lq, E), torch.randn(B, Hkv, Lkv, E), torch.randn(B, Hkv, Lkv, Ev),
+                         score_mod=score_mod, block_mask=block_mask, enable_gqa=True, kernel_options=TRITON)
+    assert out.shape == (B, Hq, Lq, Ev)
