@@ -40,7 +40,8 @@ def _ordered_indices(blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     num = blocks.sum(-1, dtype=torch.int32)
     # stable sort on "not selected" keeps selected columns first and in ascending order
     idx = torch.argsort((~blocks).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
-    return num, idx
+    # the q side sorts a transposed view: stored contiguous, so no launch has to copy it
+    return num.contiguous(), idx.contiguous()
 
 
 def _dense_from_indices(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ log = logging.getLogger("inductor_flex")
 
 _lock = threading.Lock()
 _modules: Dict[Tuple[str, bool], object] = {}
+_modules_by_source: Dict[Tuple[int, bool], tuple] = {}  # (id(source), interpret) -> (source, module)
 _autotuned: Dict[tuple, Config] = {}
 
 
@@ -181,25 +182,35 @@ def _cache_dir() -> str:
 
 def load_module(source: str, interpret: bool):
     """Import rendered Triton source (from a file: Triton's JIT reads function source back)."""
+    # plans keep their source string: a hit by identity skips hashing it (~10-20 us a call)
+    hit = _modules_by_source.get((id(source), interpret))
+    if hit is not None and hit[0] is source:
+        return hit[1]
     digest = hashlib.sha256(source.encode()).hexdigest()[:24]
     key = (digest, interpret)
     with _lock:
         mod = _modules.get(key)
-        if mod is not None:
-            return mod
-        path = os.path.join(_cache_dir(), f"flex_{digest}.py")
-        if not os.path.exists(path):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(source)
-            os.replace(tmp, path)
-        name = f"inductor_flex_kernel_{digest}_{'interp' if interpret else 'gpu'}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        _modules[key] = mod
-        return mod
+        if mod is None:
+            mod = _modules[key] = _import_source(source, digest, interpret)
+        if len(_modules_by_source) > 512:
+            _modules_by_source.clear()
+        _modules_by_source[(id(source), interpret)] = (source, mod)
+    return mod
+
+
+def _import_source(source: str, digest: str, interpret: bool):
+    path = os.path.join(_cache_dir(), f"flex_{digest}.py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    name = f"inductor_flex_kernel_{digest}_{'interp' if interpret else 'gpu'}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def interpreter_enabled() -> bool:
@@ -488,6 +499,9 @@ class _KernelForward(torch.autograd.Function):
         ctx.save_for_backward(query, key, value, exact, lse, *captured)
         ctx.plan = plan
         ctx.mark_non_differentiable(mx)
+        # an unused output's gradient arrives as None, not as zeros filled on the device each step
+        # (run_backward reads a missing grad_out as zeros and a missing grad_lse as none)
+        ctx.set_materialize_grads(False)
         return out, lse, mx
 
     @staticmethod
