@@ -65,15 +65,13 @@ def main():
 
 
 def fwdbwd(args):
-    from inductor_flex import create_block_mask, variants
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_attention as BA
+    from inductor_flex import create_block_mask
 
     dev, dt, S = "cuda", torch.bfloat16, 1024
-    g = torch.Generator().manual_seed(0)
-    cuts = (torch.randperm(S - 1, generator=g)[:7] + 1).sort().values
-    lengths = torch.diff(torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.full((1,), S)]))
-    ids = torch.repeat_interleave(torch.arange(8, dtype=torch.int32), lengths).to(dev)
-    mask = variants.generate_doc_mask_mod(variants.generate_causal_mask(), ids)
-    bm = create_block_mask(mask, None, None, S, S, device=dev)
+    case = BA.build_case("document", S, 16, torch.device(dev), BA.parse_args([]))
+    bm = create_block_mask(case.mask_mod, None, None, S, S, device=dev)
     q, k, v, dout = (torch.randn(16, 16, S, 128, dtype=dt, device=dev) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_()
