@@ -148,6 +148,29 @@ def lower_subgraph(gm, args):
     return sub.graph_outputs
 
 
+def inductor_lowers_inline_asm() -> bool:
+    """Whether Inductor's Triton codegen prints ops.inline_asm_elementwise (the compiled kernels'
+    route to the hardware tanh); without it they keep the exact tanh."""
+    try:
+        from torch._inductor.codegen.triton import TritonOverrides
+    except ImportError:
+        return False
+    return hasattr(TritonOverrides, "inline_asm_elementwise")
+
+
+def inductor_inline_asm_pointwise(x, asm: str, constraints: str, dtype: torch.dtype):
+    """A float32 Pointwise IR node applying one PTX instruction to each element of ``x``."""
+    ir = inductor_ir()
+    ops = _private("torch._inductor.virtualized", "ops", "Inductor's ops handler")
+    loader = x.make_loader()
+
+    def inner(idx):
+        return ops.inline_asm_elementwise(loader(idx), asm=asm, constraints=constraints, dtype=dtype,
+                                          is_pure=True, pack=1)
+
+    return ir.Pointwise.create(device=x.get_device(), dtype=dtype, inner_fn=inner, ranges=list(x.get_size()))
+
+
 def size_hint(expr) -> int:
     """An integer value for a (possibly symbolic) size: sizevars.optimization_hint (2.13) or size_hint (2.11)."""
     sv = inductor_graph().sizevars

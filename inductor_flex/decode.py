@@ -26,6 +26,7 @@ from .kernel import (
     _block_mask_args, _default_block_mask, _printed_mod, interpreter_enabled, load_module, template_hooks,
 )
 from .printer import PrintedMod
+from .validation import use_fast_tanh
 
 from inductor_flex.lowering.configs import head_pad, next_pow2
 from inductor_flex.lowering.decode_configs import (
@@ -216,7 +217,7 @@ def get_plan(query, key, value, score_mod, block_mask: Optional[BlockMask], opts
     if plan is not None:
         stats["plan_hits"] += 1
         return plan
-    fast_tanh = bool(opts.get("FAST_TANH", False)) and not interpreter_enabled()
+    fast_tanh = use_fast_tanh(opts, query.dtype, not interpreter_enabled())
     score = _printed_mod(score_mod, "score_mod", query.device, fast_tanh)
     mask = _printed_mod(mask_mod, "mask_mod", query.device, False)
     # without a BlockMask the kernel walks the kv range densely (no block-index loads)

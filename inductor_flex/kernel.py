@@ -23,6 +23,7 @@ import torch
 from .block_mask import BlockMask, create_block_mask
 from .mods import FlexModError, TensorIndexMode, explain_mod_error, mod_name, noop_mask
 from .printer import HELPERS, PrintedMod, identity_mod, print_mod
+from .validation import use_fast_tanh
 
 from inductor_flex.lowering.configs import Config, forward_configs, head_pad, user_config
 from inductor_flex.templates import render
@@ -274,7 +275,7 @@ class ForwardPlan:
         reason = kernel_supports(query.shape[-1], value.shape[-1], block_mask)
         if reason is not None:
             raise ValueError(f"BACKEND 'TRITON' cannot run this call: {reason}")
-        self.fast_tanh = bool(opts.get("FAST_TANH", False)) and not self.interpret
+        self.fast_tanh = use_fast_tanh(opts, query.dtype, not self.interpret)
         self.block_mask = block_mask if block_mask is not None else _default_block_mask(
             query.shape[2], key.shape[2], self.device)
         self.score = _printed_mod(score_mod, "score_mod", self.device, self.fast_tanh)

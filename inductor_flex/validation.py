@@ -32,6 +32,17 @@ KNOWN_KERNEL_OPTIONS = {
 }
 
 
+def use_fast_tanh(opts: Dict[str, Any], dtype: torch.dtype, on_gpu: bool) -> bool:
+    """Whether mods print torch.tanh as the hardware tanh.approx.f32: kernel_options FAST_TANH,
+    by default on for 16-bit inputs on the GPU. Its relative error (~2^-11) is at or under a 16-bit
+    score's rounding, and the GPU tests hold it to the same-dtype error criterion; float32 inputs
+    keep the exact formula unless asked, and the interpreter has no PTX."""
+    if not on_gpu:
+        return False
+    flag = opts.get("FAST_TANH")
+    return dtype in (torch.float16, torch.bfloat16) if flag is None else bool(flag)
+
+
 def validate_kernel_options(kernel_options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     if kernel_options is None:
         return {"BACKEND": "AUTO"}

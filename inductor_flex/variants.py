@@ -72,8 +72,9 @@ def generate_alibi_bias(num_heads: int) -> Callable:
 
 
 def generate_tanh_softcap(soft_cap: float, approx: bool = False) -> Callable:
-    """Logit soft-capping (Gemma 2, Grok): score -> cap * tanh(score / cap). ``approx`` is a
-    hint for the benchmark: pass kernel_options={'FAST_TANH': True} to use the MUFU tanh."""
+    """Logit soft-capping (Gemma 2, Grok): score -> cap * tanh(score / cap). ``approx`` is only a
+    label: the GPU kernels use the hardware tanh for 16-bit inputs unless kernel_options has
+    FAST_TANH=False (and for float32 only with FAST_TANH=True)."""
 
     def softcap(score, b, h, q_idx, kv_idx):
         return soft_cap * torch.tanh(score / soft_cap)

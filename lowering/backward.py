@@ -21,6 +21,7 @@ import math
 import torch
 
 from inductor_flex import compat
+from inductor_flex.validation import use_fast_tanh
 from inductor_flex.hop import SCORE_BUF_GRADS
 from inductor_flex.templates import render
 
@@ -181,14 +182,15 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
     opts = dict(kernel_options or {})
 
     idx = [fwd._placeholder(n, torch.int32, device) for n in ("b", "h", "m", "n")]
-    score_gm = fwd._exp_tanh(fw_graph.graph_module)
+    fast_tanh = use_fast_tanh(opts, dtype, device.type == "cuda")
+    score_gm = fwd._exp_tanh(fw_graph.graph_module, fast_tanh)
     has_score_mod = not fwd._is_identity(score_gm)
     score_ph = fwd._placeholder("score", torch.float32, device)
     subgraphs = [fwd._subgraph_buffer(score_gm, [score_ph, *idx, *score_bufs]),
                  fwd._subgraph_buffer(block_mask[12].graph_module, [*idx, *mask_bufs])]
     if has_score_mod:
         grad_ph = fwd._placeholder("grad_score", torch.float32, device)
-        subgraphs.append(fwd._subgraph_buffer(fwd._exp_tanh(_score_grad_only(joint_graph.graph_module)),
+        subgraphs.append(fwd._subgraph_buffer(fwd._exp_tanh(_score_grad_only(joint_graph.graph_module), fast_tanh),
                                               [score_ph, *idx, grad_ph, *score_bufs]))
 
     dense = block_mask[2] is None

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from inductor_flex import compat
+from inductor_flex.validation import use_fast_tanh
 
 from .kernel_op import _lib, _print_mods, _register, _uses_kernel
 
@@ -104,7 +105,7 @@ def try_decode_forward(query, key, value, score_mod, block_mask, scale, kernel_o
         raise ValueError(f"BACKEND 'TRITON_DECODE' cannot run this call: {reason}")
     if reason is not None or not _uses_kernel(query, key, value, block_mask, opts):
         return None
-    fast_tanh = bool(opts.get("FAST_TANH", False)) and query.device.type == "cuda"
+    fast_tanh = use_fast_tanh(opts, query.dtype, query.device.type == "cuda")
     with compat.disable_current_modes():
         mods = _print_mods(score_mod, block_mask, score_bufs, mask_bufs, query.device, fast_tanh, opts)
         if mods is None:

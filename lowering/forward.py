@@ -18,7 +18,7 @@ from inductor_flex.hop import flex_attention_backward_hop, flex_attention_hop
 from . import decode, kernel_op  # noqa: F401  (register the inductor_flex custom ops up front)
 from .backward import lower_backward
 from .cpu import chunked_backward, chunked_forward
-from .template import lower_forward
+from .template import lower_forward, lower_tanh_approx
 
 _registered = False
 
@@ -33,4 +33,8 @@ def register() -> None:
     compat.inductor_register_decomposition(flex_attention_backward_hop, chunked_backward)
     compat.inductor_register_lowering(flex_attention_hop, lower_forward)
     compat.inductor_register_lowering(flex_attention_backward_hop, lower_backward)
+    if compat.inductor_lowers_inline_asm():
+        import torch
+
+        compat.inductor_register_lowering(torch.ops.inductor_flex.tanh_approx.default, lower_tanh_approx)
     _registered = True

@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from inductor_flex import compat
+from inductor_flex.validation import use_fast_tanh
 
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
@@ -34,6 +35,9 @@ _lib.define(
     "Tensor? full_q_indices, Tensor[] score_tensors, Tensor[] mask_tensors, str forward_source, "
     "str backward_source, bool has_score_mod, float? scale, int[] block_size, bool[] grad_caps, "
     "bool fast_tanh) -> Tensor[]")
+# torch.tanh spelled so the template lowering can print it as tanh.approx.f32 (lowering/template.py
+# swaps it in for aten.tanh under FAST_TANH); run outside a kernel it is the exact tanh
+_lib.define("tanh_approx(Tensor x) -> Tensor")
 
 
 def _register(name: str, kernel, fake) -> None:
@@ -133,6 +137,7 @@ def _flex_forward_fake(query, key, value, kv_num_blocks, kv_indices, full_kv_num
 
 
 _register("flex_forward", flex_forward, _flex_forward_fake)
+_register("tanh_approx", torch.tanh, torch.empty_like)
 _register("flex_backward", flex_backward, _flex_backward_fake)
 
 
@@ -225,7 +230,7 @@ def try_kernel_forward(query, key, value, score_mod, block_mask, scale, kernel_o
     opts = dict(kernel_options or {})
     if not _uses_kernel(query, key, value, block_mask, opts):
         return None
-    fast_tanh = bool(opts.get("FAST_TANH", False)) and query.device.type == "cuda"
+    fast_tanh = use_fast_tanh(opts, query.dtype, query.device.type == "cuda")
     device = query.device
     with compat.disable_current_modes():
         mods = _print_mods(score_mod, block_mask, score_bufs, mask_bufs, device, fast_tanh, opts)
@@ -262,7 +267,7 @@ def try_kernel_backward(query, key, value, out, lse, grad_out, grad_lse, fw_grap
     floating = [isinstance(b, torch.Tensor) and b.dtype.is_floating_point for b in score_bufs]
     if opts.get("DETERMINISTIC", False) and any(floating):
         return None
-    fast_tanh = bool(opts.get("FAST_TANH", False)) and query.device.type == "cuda"
+    fast_tanh = use_fast_tanh(opts, query.dtype, query.device.type == "cuda")
     device = query.device
     has_score_mod = fw_graph is not identity_score
     with compat.disable_current_modes():

@@ -21,6 +21,7 @@ from typing import Dict
 import torch
 
 from inductor_flex import compat
+from inductor_flex.validation import use_fast_tanh
 from inductor_flex.templates import render
 
 from . import tuning_masks
@@ -193,8 +194,10 @@ def _subgraph_buffer(gm, args):
     )
 
 
-def _exp_tanh(gm):
-    """``gm`` with aten.tanh in its exp form, exp(-2|x|) written as exp2(-2·log2(e)·|x|).
+def _exp_tanh(gm, fast: bool = False):
+    """``gm`` with aten.tanh in its exp form, exp(-2|x|) written as exp2(-2·log2(e)·|x|), or with
+    ``fast`` (kernel_options FAST_TANH, see validation.use_fast_tanh) as the hardware tanh.approx.f32
+    where Inductor prints inline asm (compat.inductor_lowers_inline_asm).
 
     Inductor lowers tanh to libdevice.tanh (compiled softcap forward 212 TFLOP/s against 333 for the
     eager kernel's exp form, H100) and exp to the accurate libdevice.exp (28 sm_90 instructions
@@ -204,10 +207,17 @@ def _exp_tanh(gm):
         return gm
     import copy
 
+    approx = fast and compat.inductor_lowers_inline_asm()
     gm = copy.deepcopy(gm)
     g = gm.graph
     for node in [n for n in g.nodes if n.target is aten.tanh.default]:
         x = node.args[0]
+        if approx:
+            with g.inserting_before(node):
+                out = g.call_function(torch.ops.inductor_flex.tanh_approx.default, (x,))
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
+            continue
         with g.inserting_before(node):
             e = g.call_function(aten.exp2.default, (g.call_function(aten.mul.Tensor, (
                 g.call_function(aten.abs.default, (x,)), -2.0 * 1.4426950408889634)),))
@@ -219,6 +229,11 @@ def _exp_tanh(gm):
         g.erase_node(node)
     gm.recompile()
     return gm
+
+
+def lower_tanh_approx(x):
+    """inductor_flex::tanh_approx -> Hopper's tanh.approx.f32 (max rel. error ~2^-11)."""
+    return compat.inductor_inline_asm_pointwise(x, "tanh.approx.f32 $0, $1;", "=f,f", torch.float32)
 
 
 def _is_identity(gm) -> bool:
@@ -307,7 +322,8 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     opts = dict(kernel_options or {})
 
     idx = [_placeholder(n, torch.int32, device) for n in ("b", "h", "m", "n")]
-    score_gm, mask_gm = _exp_tanh(score_mod.graph_module), block_mask[12].graph_module
+    fast_tanh = use_fast_tanh(opts, dtype, device.type == "cuda")
+    score_gm, mask_gm = _exp_tanh(score_mod.graph_module, fast_tanh), block_mask[12].graph_module
     has_score_mod = not _is_identity(score_gm)
     score_buf = _subgraph_buffer(score_gm, [_placeholder("score", torch.float32, device), *idx, *score_bufs])
     mask_buf = _subgraph_buffer(mask_gm, [*idx, *mask_bufs])

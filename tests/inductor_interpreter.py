@@ -1,6 +1,8 @@
 """Inductor's generated kernels run by Triton's interpreter on CPU tensors: the kernel stand-ins
 behind the ``interpreted_inductor`` fixture (conftest.py), so CI checks the numerics of the very
 source Inductor generates for the flex templates and for its own kernels around them."""
+import re
+
 from inductor_flex.kernel import load_module
 
 
@@ -22,10 +24,17 @@ class InterpreterLibdevice:
         return table[name]
 
 
+# Inductor's print of the hardware tanh (FAST_TANH); the interpreter has no PTX, so it runs tanh
+_TANH_ASM = re.compile(r"tl\.inline_asm_elementwise\('tanh\.approx\.f32 \$0, \$1;', '=f,f', \[([^\]]+)\], "
+                       r"dtype=tl\.float32, is_pure=True, pack=1\)")
+
+
 def _interpreted(name, source, decorators):
     """Kernel ``name`` of Inductor's ``source`` as a Triton interpreter function: the named
     triton_heuristics decorators (autotuning launchers) replaced by no-ops while it loads."""
     from torch._inductor.runtime import triton_heuristics
+
+    source = _TANH_ASM.sub(r"(1.0 - 2.0 / (tl.exp(2.0 * (\1)) + 1.0))", source)
 
     real = {k: getattr(triton_heuristics, k) for k in decorators}
     for k in decorators:

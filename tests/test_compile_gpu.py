@@ -213,3 +213,37 @@ def test_template_fuses_neighbours():
     ref, _, _ = math_attention(q.double(), k.double(), v.double())
     low, _, _ = math_attention(q, k, v)
     assert_close_to_reference(out, torch.relu(ref) * 3, torch.relu(low) * 3, torch.float16, "out")
+
+
+@pytest.mark.parametrize("opts", [{}, {"FAST_TANH": False}], ids=["default", "exact"])
+def test_compiled_softcap_tanh(opts):
+    """bf16 softcap under torch.compile: the Inductor-rendered forward and backward use the hardware
+    tanh by default where Inductor prints inline asm (compat.inductor_lowers_inline_asm), the exact form
+    otherwise or with FAST_TANH=False; both meet the criterion."""
+    from inductor_flex import compat
+    from inductor_flex.variants import generate_causal_mask, generate_tanh_softcap
+    from torch._inductor.utils import run_and_get_code
+
+    dims = (2, 8, 2, 1000, 1000, 128, 128)
+    q, k, v = make_inputs(dims, torch.bfloat16, "cuda", requires_grad=True)
+    score_mod = generate_tanh_softcap(20.0)
+    bm = create_block_mask(generate_causal_mask(), None, None, 1000, 1000, device="cuda")
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True,
+                                                     kernel_options=opts), fullgraph=True)
+    g = torch.randn(2, 8, 1000, 128, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = f(q, k, v)
+        return out, torch.autograd.grad(out, (q, k, v), g)
+
+    (out, grads), code = run_and_get_code(step)
+    # every kernel carries the eager printer's helpers; _tanh_approx's own asm is not a use
+    text = re.sub(r"def _tanh_approx\(x\):.*?pack=1\)", "", "\n".join(code), flags=re.S)
+    assert "_bwd_dkdv_inner" in text and "inductor_flex.flex_backward" not in text
+    fast = opts.get("FAST_TANH", True) and compat.inductor_lowers_inline_asm()
+    assert ("tanh.approx.f32" in text) == fast
+    ref, _, _ = math_attention(q.detach().double(), k.detach().double(), v.detach().double(), score_mod, bm)
+    low, _, _ = math_attention(q.detach(), k.detach(), v.detach(), score_mod, bm)
+    assert_close_to_reference(out.detach(), ref, low, torch.bfloat16, "out")
+    assert_grads_close(q, k, v, grads, g, score_mod, bm, torch.bfloat16)

@@ -59,6 +59,38 @@ def test_inductor_renders_the_template(interpreted_inductor, variant, shape, dty
     assert_close_to_reference(lse, ref_lse, low_lse, dtype, "lse")
 
 
+def test_fast_tanh_prints_the_hardware_tanh(interpreted_inductor, monkeypatch):
+    """FAST_TANH (the GPU's 16-bit default) under Inductor: tanh in the forward and backward templates
+    becomes inductor_flex::tanh_approx, printed as tl.inline_asm_elementwise('tanh.approx.f32 ...')
+    where Inductor prints inline asm. Forced on here on CPU; the interpreter runs it as tanh."""
+    from inductor_flex import compat
+    from inductor_flex.lowering import backward as lowering_backward
+    from torch._inductor.utils import run_and_get_code
+
+    if not compat.inductor_lowers_inline_asm():
+        pytest.fail("torch 2.13 (CI) prints inline asm; this check covers it")
+    for mod in (template, lowering_backward):
+        monkeypatch.setattr(mod, "use_fast_tanh", lambda opts, dtype, on_gpu: True)
+    dims = SHAPES["odd37_E40"]
+    q, k, v = make_inputs(dims, torch.float32, "cpu", requires_grad=True)
+    score_mod, block_mask = make_variant("softcap", dims[3], dims[4], dims[1], "cpu")
+    fn, cnt = _compiled(score_mod, block_mask, False)
+    g = torch.randn(*dims[:2], dims[3], dims[6])
+
+    def step():
+        out, _ = fn(q, k, v)
+        return out, torch.autograd.grad(out, (q, k, v), g)
+
+    (out, grads), code = run_and_get_code(step)
+    code = "\n".join(code)
+    assert code.count("tl.inline_asm_elementwise('tanh.approx.f32") >= 3  # forward, dK/dV, dQ
+    assert "libdevice.tanh" not in code
+    ref_out, _, _ = reference64(q.detach(), k.detach(), v.detach(), score_mod, block_mask)
+    low_out, _, _ = reference_same_dtype(q.detach(), k.detach(), v.detach(), score_mod, block_mask)
+    assert_close_to_reference(out.detach(), ref_out, low_out, torch.float32, "out")
+    assert_grads_close(q, k, v, grads, g, score_mod, block_mask, torch.float32)
+
+
 def test_captured_tensors_are_kernel_arguments(interpreted_inductor):
     """New values of a captured table reuse the compiled kernel (no recompile) and are read."""
     dims = SHAPES["odd37_E40"]

@@ -147,3 +147,15 @@ def test_block_mask_for_longer_sequence_same_block_count():
     q, k, v = qkv(L=120)
     with pytest.raises(ValueError, match="built for Q_LEN=100"):
         flex_attention(q, k, v, block_mask=bm)
+
+
+@pytest.mark.parametrize("dtype,opts,on_gpu,expected", [
+    (torch.bfloat16, {}, True, True), (torch.float16, {}, True, True), (torch.float32, {}, True, False),
+    (torch.bfloat16, {"FAST_TANH": False}, True, False), (torch.float32, {"FAST_TANH": True}, True, True),
+    (torch.bfloat16, {"FAST_TANH": True}, False, False),
+], ids=["bf16", "fp16", "fp32", "bf16_off", "fp32_on", "interpreter"])
+def test_fast_tanh_default(dtype, opts, on_gpu, expected):
+    # the hardware tanh: default for 16-bit GPU inputs, opt-in for float32, never without PTX
+    from inductor_flex.validation import use_fast_tanh
+
+    assert use_fast_tanh(opts, dtype, on_gpu) is expected
