@@ -77,3 +77,27 @@ def test_fused_dq_gpu_matches_reference(variant):
     B, Hq, Hkv, Lq, Lkv, E, Ev = shape
     score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda", block=128)
     check_backward(shape, torch.bfloat16, score_mod, block_mask, kernel_options={"BACKEND": "TRITON", "FUSED_DQ": True}, device="cuda")
+
+
+@pytest.mark.parametrize("variant", ["noop", "document"])
+def test_eager_step_never_waits_for_the_gpu(variant):
+    """Once planned and tuned, an eager forward + backward queues its kernels without a host-device
+    synchronization (a sync would leave the GPU idle while the host prepares the next launches)."""
+    dims = (2, 4, 4, 1024, 1024, 64, 64)
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, torch.bfloat16, "cuda", requires_grad=True)
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda", block=128)
+    g = torch.randn(B, Hq, Lq, Ev, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+        return torch.autograd.grad(out, (q, k, v), g)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(t is not None and t.shape == x.shape for t, x in zip(grads, (q, k, v)))
