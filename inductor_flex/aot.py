@@ -29,19 +29,29 @@ def _arg_type(v) -> str:
     raise TypeError(f"cannot type kernel argument {v!r}")
 
 
-def signature_of(fn, args, constexprs: Dict[str, object]) -> Tuple[dict, dict]:
+def signature_of(fn, args, constexprs: Dict[str, object]) -> Tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as a launch with these arguments would specialize them: an int
+    equal to 1 becomes a constant, and 16-byte-aligned pointers and ints divisible by 16 carry
+    tt.divisibility (what lets the GPU build vectorize loads and fold address arithmetic)."""
     names = fn.arg_names
-    sig, consts = {}, {}
+    sig, consts, attrs = {}, {}, {}
     positional = [n for n in names if n not in constexprs]
     if len(positional) != len(args):
         raise ValueError(f"{len(args)} positional args for {len(positional)} parameters")
     for n, a in zip(positional, args):
+        if isinstance(a, int) and not isinstance(a, bool) and a == 1:
+            sig[n], consts[n] = "constexpr", 1
+            continue
         sig[n] = _arg_type(a)
+        aligned = (a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor)
+                   else isinstance(a, int) and not isinstance(a, bool) and a % 16 == 0)
+        if aligned:
+            attrs[(names.index(n),)] = [["tt.divisibility", 16]]
     for n in names:
         if n in constexprs:
             sig[n] = "constexpr"
             consts[n] = constexprs[n]
-    return sig, consts
+    return sig, consts, attrs
 
 
 def compile_launch(module, kernel_name: str, args, constexprs, num_warps: int, num_stages: int,
@@ -52,7 +62,7 @@ def compile_launch(module, kernel_name: str, args, constexprs, num_warps: int, n
     from triton.compiler import ASTSource
 
     fn = getattr(module, kernel_name)
-    sig, consts = signature_of(fn, args, constexprs)
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    sig, consts, attrs = signature_of(fn, args, constexprs)
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
