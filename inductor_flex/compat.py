@@ -159,7 +159,7 @@ def inductor_lowers_inline_asm() -> bool:
 
 
 def inductor_inline_asm_pointwise(x, asm: str, constraints: str, dtype: torch.dtype):
-    """A float32 Pointwise IR node applying one PTX instruction to each element of ``x``."""
+    """A Pointwise IR node of ``dtype`` applying one PTX instruction to each element of ``x``."""
     ir = inductor_ir()
     ops = _private("torch._inductor.virtualized", "ops", "Inductor's ops handler")
     loader = x.make_loader()

@@ -12,6 +12,8 @@ by the fused backward op or the chunked decomposition.
 """
 from __future__ import annotations
 
+import torch
+
 from inductor_flex import compat
 from inductor_flex.hop import flex_attention_backward_hop, flex_attention_hop
 
@@ -34,7 +36,5 @@ def register() -> None:
     compat.inductor_register_lowering(flex_attention_hop, lower_forward)
     compat.inductor_register_lowering(flex_attention_backward_hop, lower_backward)
     if compat.inductor_lowers_inline_asm():
-        import torch
-
         compat.inductor_register_lowering(torch.ops.inductor_flex.tanh_approx.default, lower_tanh_approx)
     _registered = True
