@@ -397,7 +397,10 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
     q_bs, kv_bs = bm.BLOCK_SIZE
     dense = plan.user_block_mask is None  # no BlockMask: walk every kv block, no index loads
     log2e = 1.4426950408889634
-    qk_scale = plan.scale if plan.has_score_mod else plan.scale * log2e
+    # without a score_mod the kernel folds scale * log2(e) into the softmax's exp2 argument, which
+    # needs a positive scale; any other scale takes the score_mod path (an identity mod)
+    has_score_mod = plan.has_score_mod or not plan.scale > 0
+    qk_scale = plan.scale if has_score_mod else plan.scale * log2e
     mod_args = plan.score.args_for(plan.score.tensors) + plan.mask.args_for(plan.mask.tensors)
     args = (
         query, key, value, out, lse, mx, kv_num, kv_idx, full_num, full_idx,
@@ -407,7 +410,7 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
         *mod_args,
     )
     constexprs = dict(
-        HAS_SCORE_MOD=plan.has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
+        HAS_SCORE_MOD=has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPARSE_Q=q_bs, SPARSE_KV=kv_bs,
         EVEN_M=Lq % cfg.BLOCK_M == 0, EVEN_N=Lkv % (cfg.BLOCK_N if dense else kv_bs) == 0,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",

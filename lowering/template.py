@@ -348,6 +348,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     inputs += bm_nodes
 
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    has_score_mod = has_score_mod or not scale > 0  # the template folds only a positive scale (kernel.py)
     qk_scale = scale if has_score_mod else scale * 1.4426950408889634
     tmpl = _template(dense, _bm_strides(bm_nodes[:2], dense), qk_scale, bool(score_bufs), bool(mask_bufs))
 

@@ -139,3 +139,20 @@ def test_printed_mask_loads_each_captured_value_once():
     ref, _, _ = math_attention(q.double(), k.double(), v.double(), None, bm)
     low, _, _ = math_attention(q, k, v, None, bm)
     assert_close_to_reference(out, ref, low, torch.float32, "out")
+
+
+@pytest.mark.parametrize("scale", [-0.5, 0.0, 0.3], ids=["negative", "zero", "positive"])
+@pytest.mark.parametrize("variant", ["noop", "causal", "empty_rows"])
+def test_any_scale(variant, scale):
+    # without a score_mod the kernel folds a positive scale into the softmax's exp2 argument; zero and
+    # negative scales take the score_mod path instead, and masked rows stay 0 / -inf either way
+    shape = SHAPES["Lq50_Lkv97"]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = shape
+    q, k, v = make_inputs(shape, torch.float32, "cpu")
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True,
+                              kernel_options=TRITON)
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask, scale)
+    low_out, low_lse, _ = math_attention(q, k, v, score_mod, block_mask, scale)
+    assert_close_to_reference(out, ref_out, low_out, torch.float32, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.float32, "lse")

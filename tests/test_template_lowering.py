@@ -253,3 +253,18 @@ class _Sized:
 
     def get_device(self):
         return torch.device("cpu")
+
+
+@pytest.mark.parametrize("scale", [-0.5, 0.0], ids=["negative", "zero"])
+def test_template_any_scale(interpreted_inductor, scale):
+    """Scales the template cannot fold into its exp2 argument take the score_mod path under Inductor too."""
+    dims = SHAPES["Lq50_Lkv97"]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, torch.float32, "cpu")
+    score_mod, block_mask = make_variant("causal", Lq, Lkv, Hq, "cpu")
+    fn, cnt = _compiled(score_mod, block_mask, False, scale=scale)
+    out, lse = fn(q, k, v)
+    ref_out, ref_lse, _ = reference64(q, k, v, score_mod, block_mask, scale)
+    low_out, low_lse, _ = reference_same_dtype(q, k, v, score_mod, block_mask, scale)
+    assert_close_to_reference(out, ref_out, low_out, torch.float32, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.float32, "lse")
