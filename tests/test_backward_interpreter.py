@@ -196,3 +196,30 @@ def test_learned_captured_tensor_backward_reads_float32_out():
     with torch.no_grad():
         frozen = flex_attention(q, k, v, score_mod=factory(slopes.detach()), kernel_options=TRITON)
     assert rounded_err <= 1.01 * (frozen.double() - exact).abs().mean().item()
+
+
+@pytest.mark.parametrize("scale", [-0.5, 0.0, 0.3], ids=["negative", "zero", "positive"])
+@pytest.mark.parametrize("variant", ["noop", "causal", "empty_rows", "softcap"])
+def test_backward_any_scale(variant, scale):
+    # the kernels mask exp2's argument after scaling, so a zero or negative scale keeps masked
+    # scores at probability 0 (a mask applied before multiplying by a scale <= 0 would not)
+    shape = SHAPES["Lq50_Lkv97"]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = shape
+    q, k, v = make_inputs(shape, torch.float32, "cpu")
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
+    g_out = torch.randn(B, Hq, Lq, Ev, dtype=torch.float64)
+    g_lse = torch.randn(B, Hq, Lq, dtype=torch.float64)
+
+    def grads(dtype, **kw):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        if kw:
+            out, lse = flex_attention(*leaves, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                      return_lse=True, **kw)
+        else:
+            out, lse, _ = math_attention(*leaves, score_mod, block_mask, scale)
+        return torch.autograd.grad(_loss(out, lse, g_out, g_lse), leaves)
+
+    got = grads(torch.float32, kernel_options=TRITON)
+    ref, low = grads(torch.float64), grads(torch.float32)
+    for name, a, r, lo in zip(("dq", "dk", "dv"), got, ref, low):
+        assert_close_to_reference(a, r, lo, torch.float32, name)
