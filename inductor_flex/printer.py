@@ -165,6 +165,17 @@ _CONSTANT_LIKE = {
 }
 
 
+_SCALE_OPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+
+
+def _positive_literal(v, nonzero_only: bool = False) -> bool:
+    """A finite Python number that can be folded into a positive scale (any nonzero one when
+    ``nonzero_only``: it multiplies the scale before the mod, not after the max)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return False
+    return v != 0 if nonzero_only else v > 0
+
+
 def _is_float(dt: torch.dtype) -> bool:
     return dt.is_floating_point
 
@@ -359,17 +370,24 @@ class _Printer:
         return lines
 
     # -- main loop ----------------------------------------------------------------------------
-    def run(self, names: Tuple[str, ...]) -> str:
+    def _bind(self, names: Tuple[str, ...], score: Optional[Value] = None) -> None:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         axes_of = {"score": ("m", "n"), "b": (), "h": (), "q_idx": ("m",), "kv_idx": ("n",)}
         for n, name in zip(placeholders, names):
             dt = torch.float32 if name == "score" else torch.int32
             self.env[n] = Value(name, dt, frozenset(axes_of[name]), None if name == "score" else f"{name}.to(tl.float32)")
+        if score is not None:
+            self.env[placeholders[0]] = score
+
+    def _walk(self, replace: Optional[Dict[torch.fx.Node, Value]] = None):
+        """Print every node (those in ``replace`` take the given value) -> the output node's argument."""
         result = None
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 continue
-            if node.op == "get_attr":
+            if replace and node in replace:
+                self.env[node] = replace[node]
+            elif node.op == "get_attr":
                 t = getattr(self.gm, node.target)
                 if not isinstance(t, torch.Tensor):
                     raise self.fail(f"captured object {type(t).__name__}")
@@ -384,6 +402,47 @@ class _Printer:
                     result = result[0]
             else:
                 raise self.fail(f"FX node kind {node.op}")
+        return result
+
+    def run_scaled(self) -> str:
+        """Body of ``score_mod_scaled(qk, qk_scale, b, h, q_idx, kv_idx, ...)`` returning (s, c) with
+        score_mod(qk * qk_scale) == s * c: a leading ``score * k`` or ``score / k`` takes qk_scale
+        into its constant (one multiply instead of two), and a trailing ``x * c`` (c > 0) is left to
+        the caller, which folds c into its log2(e) factor (softcap: 2 of its 3 extra multiplies)."""
+        score_node = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
+        mn = frozenset("mn")
+        replace = {}
+        users = list(score_node.users)
+        lead = users[0] if len(users) == 1 else None
+        if lead is not None and lead.op == "call_function" and lead.target in _SCALE_OPS:
+            a0, a1 = lead.args[:2]
+            if lead.target in (aten.mul.Tensor, aten.mul.Scalar) and a1 is score_node:
+                a0, a1 = a1, a0
+            if a0 is score_node and _positive_literal(a1, nonzero_only=True):
+                op = "/" if lead.target in (aten.div.Tensor, aten.div.Scalar) else "*"
+                replace[lead] = self.emit(f"qk * (qk_scale {op} {float(a1)!r})", torch.float32, mn)
+        self._bind(("score", "b", "h", "q_idx", "kv_idx"),
+                   None if replace else self.emit("qk * qk_scale", torch.float32, mn))
+        result = self._walk(replace)
+        factor = 1.0
+        if isinstance(result, torch.fx.Node) and result.op == "call_function" and result.target in (
+                aten.mul.Tensor, aten.mul.Scalar):
+            x, c = result.args[:2]
+            if not isinstance(x, torch.fx.Node):
+                x, c = c, x
+            if isinstance(x, torch.fx.Node) and x is not score_node and _positive_literal(c):
+                xv = self.val(x)
+                if xv.dtype == torch.float32 and xv.axes == mn:
+                    result, factor = x, float(c)
+        out = self.val(result)
+        code = out.code if out.dtype == torch.float32 else f"({out.code}).to(tl.float32)"
+        if out.axes != mn:
+            code = f"{code} + tl.zeros_like(qk)"
+        return "\n".join("    " + l for l in self.lines + [f"return {code}, {factor!r}"])
+
+    def run(self, names: Tuple[str, ...]) -> str:
+        self._bind(names)
+        result = self._walk()
         out = self.val(result)
         if self.kind == "score_mod":
             code = out.code if out.dtype == torch.float32 else f"({out.code}).to(tl.float32)"
@@ -688,6 +747,8 @@ def print_mod(fn: Callable, kind: str, device, fast_tanh: bool = False) -> Print
     body = p.run(names)
     params = ", ".join(list(names) + p.params)
     source = f"@triton.jit\ndef {kind}({params}):\n    # {mod_name(fn)}\n{body}\n"
+    if kind == "score_mod":
+        source += _print_scaled(gm, fn, fast_tanh, p.params)
     for t in p.tensors:
         if t.device.type != torch.device(device).type:
             raise FlexModError(
@@ -695,6 +756,19 @@ def print_mod(fn: Callable, kind: str, device, fast_tanh: bool = False) -> Print
                 f"move the captured tensor to {device}"
             )
     return PrintedMod(kind, source, p.tensors, p.params, p.used_fast_tanh)
+
+
+def _print_scaled(gm, fn: Callable, fast_tanh: bool, params: List[str]) -> str:
+    """``score_mod_scaled(qk, qk_scale, ...) -> (s, c)``, s * c == score_mod(qk * qk_scale): the
+    forward template's call, with scale constants folded (_Printer.run_scaled); the plain call
+    where the fold's parameters would differ."""
+    p = _Printer(gm, "score_mod", fn, "SM_CAP", fast_tanh)
+    body = p.run_scaled()
+    if p.params != params:
+        args = ", ".join(["b", "h", "q_idx", "kv_idx"] + params)
+        body = f"    return score_mod(qk * qk_scale, {args}), 1.0"
+    head = ", ".join(["qk", "qk_scale", "b", "h", "q_idx", "kv_idx"] + params)
+    return f"\n\n@triton.jit\ndef score_mod_scaled({head}):\n{body}\n"
 
 
 class _WithCaptured(torch.fx.Interpreter):
@@ -766,7 +840,8 @@ def identity_mod(kind: str) -> PrintedMod:
 
 def _identity_mod(kind: str) -> PrintedMod:
     if kind == "score_mod":
-        src = "@triton.jit\ndef score_mod(score, b, h, q_idx, kv_idx):\n    return score\n"
+        src = ("@triton.jit\ndef score_mod(score, b, h, q_idx, kv_idx):\n    return score\n\n\n"
+               "@triton.jit\ndef score_mod_scaled(qk, qk_scale, b, h, q_idx, kv_idx):\n    return qk * qk_scale, 1.0\n")
     else:
         src = "@triton.jit\ndef mask_mod(b, h, q_idx, kv_idx):\n    return tl.full([1, 1], True, tl.int1)\n"
     return PrintedMod(kind, src)
