@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .mods import check_arity, eval_mask_grid, mod_name, noop_mask
+from .mods import check_arity, eval_mask_blocks, eval_mask_grid, mod_name, noop_mask
 
 # Elements of the bool grid evaluated per chunk while building a mask (about 32 MB).
 _BUILD_CHUNK_ELEMS = 1 << 25
@@ -304,6 +304,59 @@ def create_block_mask(
     return BlockMask(
         (Q_LEN, KV_LEN), kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx,
         (q_bs, kv_bs), mask_mod,
+    )
+
+
+def refine_block_mask(block_mask: BlockMask, BLOCK_SIZE: Union[int, Tuple[int, int]] = 64) -> BlockMask:
+    """The same mask on a finer block grid, for kernels that then walk fewer and cheaper tiles.
+
+    Full and empty blocks split without evaluating anything; mask_mod runs only inside the
+    partial blocks, so the cost is (partial blocks) x (block area), never Q_LEN x KV_LEN. A fine
+    block comes out partial, full or empty by what mask_mod says over its valid positions.
+    Assumes ``block_mask`` describes its own mask_mod (as create_block_mask builds it); a mask
+    broadcast over batch or heads is evaluated at b = 0 / h = 0, so refine such a mask only when
+    its mask_mod does not read b / h.
+    """
+    fq, fk = _normalize_block_size(BLOCK_SIZE)
+    q_bs, kv_bs = block_mask.BLOCK_SIZE
+    if q_bs % fq or kv_bs % fk:
+        raise ValueError(f"refine_block_mask: BLOCK_SIZE {(fq, fk)} must divide the mask's BLOCK_SIZE {(q_bs, kv_bs)}")
+    rq, rk = q_bs // fq, kv_bs // fk
+    Lq, Lkv = block_mask.seq_lengths
+    partial, full = block_mask.partial_blocks(), block_mask.full_blocks()
+    B, H, nq, nk = partial.shape
+    # fine blocks wholly past the sequence would be walked without load masks: drop them
+    nfq, nfk = min(nq * rq, math.ceil(Lq / fq)), min(nk * rk, math.ceil(Lkv / fk))
+    fine_full = full.repeat_interleave(rq, 2).repeat_interleave(rk, 3)[:, :, :nfq, :nfk].contiguous()
+    fine_partial = torch.zeros_like(fine_full)
+    where = partial.nonzero()
+    dev = partial.device
+    ar_q, ar_k = torch.arange(q_bs, device=dev), torch.arange(kv_bs, device=dev)
+    per_chunk = max(1, _BUILD_CHUNK_ELEMS // (q_bs * kv_bs))
+    for c0 in range(0, where.shape[0], per_chunk):
+        b, h, qb, kb = where[c0:c0 + per_chunk].unbind(1)
+        p = b.numel()
+        q = qb[:, None] * q_bs + ar_q
+        kv = kb[:, None] * kv_bs + ar_k
+        # positions past the end are evaluated clamped (a mask_mod may index a tensor with them)
+        # and then count as "no answer": False for any, True for all
+        valid = (q < Lq)[:, :, None] & (kv < Lkv)[:, None, :]
+        m = eval_mask_blocks(block_mask.mask_mod, b, h, q.clamp(max=Lq - 1), kv.clamp(max=Lkv - 1))
+        any_ = (m & valid).view(p, rq, fq, rk, fk).any(4).any(2)
+        all_ = (m | ~valid).view(p, rq, fq, rk, fk).all(4).all(2) & any_
+        fi = (qb[:, None, None] * rq + torch.arange(rq, device=dev)[None, :, None]).expand(p, rq, rk)
+        fj = (kb[:, None, None] * rk + torch.arange(rk, device=dev)[None, None, :]).expand(p, rq, rk)
+        keep = (fi < nfq) & (fj < nfk)
+        bb, hh = b[:, None, None].expand(p, rq, rk)[keep], h[:, None, None].expand(p, rq, rk)[keep]
+        fine_partial[bb, hh, fi[keep], fj[keep]] = (any_ & ~all_)[keep]
+        fine_full[bb, hh, fi[keep], fj[keep]] = all_[keep]
+    kv_num, kv_idx = _ordered_indices(fine_partial)
+    full_kv_num, full_kv_idx = _ordered_indices(fine_full)
+    q_num, q_idx = _ordered_indices(fine_partial.transpose(-1, -2))
+    full_q_num, full_q_idx = _ordered_indices(fine_full.transpose(-1, -2))
+    return BlockMask(
+        (Lq, Lkv), kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx,
+        (fq, fk), block_mask.mask_mod,
     )
 
 

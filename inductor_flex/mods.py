@@ -129,6 +129,18 @@ def eval_mask_grid(mask_mod: Callable, b: torch.Tensor, h: torch.Tensor, q: torc
     return _check_result(mask_mod, "mask_mod", res, (b.numel(), h.numel(), q.numel(), kv.numel()))
 
 
+def eval_mask_blocks(mask_mod: Callable, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """mask_mod over P separate tiles: b, h (P,), q (P, Q), kv (P, KV) -> bool tensor (P, Q, KV)."""
+    grid = torch.vmap(torch.vmap(torch.vmap(mask_mod, in_dims=(None, None, None, 0)), in_dims=(None, None, 0, None)))
+    try:
+        res = grid(b, h, q, kv)
+    except FlexModError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise explain_mod_error(mask_mod, "mask_mod", e) from e
+    return _check_result(mask_mod, "mask_mod", res, (b.numel(), q.shape[1], kv.shape[1]))
+
+
 def eval_score_grid(score_mod: Callable, score: torch.Tensor, b, h, q, kv) -> torch.Tensor:
     """score_mod over the grid; ``score`` is (B, H, Q, KV)."""
     try:

@@ -101,3 +101,19 @@ def test_eager_step_never_waits_for_the_gpu(variant):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(t is not None and t.shape == x.shape for t, x in zip(grads, (q, k, v)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("variant", ["document", "sliding_window"])
+def test_refined_block_mask_gpu(variant, dtype):
+    # 128-blocks over short documents / a 24-wide window: the kernels walk the 64 x 64 refinement
+    from inductor_flex.kernel import cached_plan
+    from inductor_flex.validation import validate_kernel_options
+
+    shape = (2, 8, 2, 1000, 1000, 128, 128)
+    score_mod, bm = make_variant(variant, 1000, 1000, 8, "cuda", block=128)
+    q = torch.empty(2, 8, 1000, 128, device="cuda", dtype=dtype)
+    kv = torch.empty(2, 2, 1000, 128, device="cuda", dtype=dtype)
+    plan = cached_plan(q, kv, kv, score_mod, bm, None, validate_kernel_options({"BACKEND": "TRITON"}))
+    assert plan.block_mask.BLOCK_SIZE == (64, 64)
+    check_backward(shape, dtype, score_mod, bm, kernel_options={"BACKEND": "TRITON"}, device="cuda")

@@ -223,3 +223,26 @@ def test_backward_any_scale(variant, scale):
     ref, low = grads(torch.float64), grads(torch.float32)
     for name, a, r, lo in zip(("dq", "dk", "dv"), got, ref, low):
         assert_close_to_reference(a, r, lo, torch.float32, name)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 300, 300, 40, 24), (1, 2, 2, 330, 200, 32, 32)],
+                         ids=["gqa_300_e40_ev24", "330x200"])
+def test_backward_with_refined_block_mask(shape):
+    from inductor_flex import create_block_mask
+    from inductor_flex.kernel import cached_plan
+    from inductor_flex.validation import validate_kernel_options
+
+    B, Hq, Hkv, Lq, Lkv, E, Ev = shape
+    ids = torch.zeros(max(Lq, Lkv), dtype=torch.int64)
+    for c in (23, 60, 61, 150, 290):
+        ids[c:] += 1
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+
+    bm = create_block_mask(document_causal, None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=128)
+    q = torch.empty(B, Hq, Lq, E)
+    kv = torch.empty(B, Hkv, Lkv, E)
+    assert cached_plan(q, kv, kv.new_empty(B, Hkv, Lkv, Ev), None, bm, None,
+                       validate_kernel_options(TRITON)).block_mask.BLOCK_SIZE == (64, 64)
+    check_backward(shape, torch.float32, None, bm)

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from inductor_flex import BlockMask, and_masks, create_block_mask, create_mask, noop_mask, or_masks
+from inductor_flex.block_mask import refine_block_mask
 from inductor_flex.variants import generate_causal_mask, generate_sliding_window
 
 
@@ -149,3 +150,72 @@ def test_hypothesis_blocks_match_brute_force(Lq, Lkv, qbs, kbs, w, kind):
     partial, full = brute_force_blocks(mm, Lq, Lkv, qbs, kbs)
     assert torch.equal(bm.partial_blocks()[0, 0], partial)
     assert torch.equal(bm.full_blocks()[0, 0], full)
+
+
+# ---- refine_block_mask: the same mask on a finer grid, mask_mod evaluated inside partial blocks only
+def _assert_same_blocks(a, b):
+    assert a.BLOCK_SIZE == b.BLOCK_SIZE and a.num_blocks == b.num_blocks and a.seq_lengths == b.seq_lengths
+    assert torch.equal(a.partial_blocks(), b.partial_blocks())
+    assert torch.equal(a.full_blocks(), b.full_blocks())
+    assert torch.equal(a.q_num_blocks, b.q_num_blocks) and torch.equal(a.full_q_num_blocks, b.full_q_num_blocks)
+
+
+def _doc_mask(L, cuts):
+    ids = torch.zeros(L, dtype=torch.int64)
+    for c in cuts:
+        ids[c:] += 1
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+    return document_causal
+
+
+def _head_stride_mask(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx) % (h + b + 2) == 0
+
+
+@pytest.mark.parametrize("Lq,Lkv", [(256, 256), (250, 177), (192, 192), (40, 300)],
+                         ids=["256x256", "250x177", "192x192_tail_block", "40x300"])
+@pytest.mark.parametrize("name", ["document", "causal", "sliding_window_50", "per_batch_head"])
+@pytest.mark.parametrize("fine", [32, (16, 32), 8], ids=["to32", "to16x32", "to8"])
+def test_refine_matches_building_at_the_fine_size(name, Lq, Lkv, fine):
+    mm = {"document": _doc_mask(max(Lq, Lkv), [17, 90, 91, 160]), "causal": generate_causal_mask(),
+          "sliding_window_50": generate_sliding_window(50), "per_batch_head": _head_stride_mask}[name]
+    B, H = (2, 3) if name == "per_batch_head" else (None, None)
+    coarse = create_block_mask(mm, B, H, Lq, Lkv, device="cpu", BLOCK_SIZE=64)
+    _assert_same_blocks(refine_block_mask(coarse, fine),
+                        create_block_mask(mm, B, H, Lq, Lkv, device="cpu", BLOCK_SIZE=fine))
+
+
+def test_refine_evaluates_only_partial_blocks(monkeypatch):
+    import inductor_flex.block_mask as bmod
+
+    seen = []
+    real = bmod.eval_mask_blocks
+
+    def spy(mm, b, h, q, kv):
+        seen.append((q.shape, kv.shape))
+        return real(mm, b, h, q, kv)
+
+    monkeypatch.setattr(bmod, "eval_mask_blocks", spy)
+    coarse = create_block_mask(generate_causal_mask(), None, None, 512, 512, device="cpu", BLOCK_SIZE=128)
+    fine = refine_block_mask(coarse, 64)
+    # the 4 diagonal blocks are the only partial ones: 4 tiles of 128 x 128 evaluated, not 512 x 512
+    assert seen == [((4, 128), (4, 128))]
+    assert int(fine.partial_blocks().sum()) == 8 and int(fine.full_blocks().sum()) == 28
+
+
+def test_refine_rejects_a_size_that_does_not_divide():
+    coarse = create_block_mask(generate_causal_mask(), None, None, 256, 256, device="cpu", BLOCK_SIZE=128)
+    with pytest.raises(ValueError, match="must divide the mask's BLOCK_SIZE"):
+        refine_block_mask(coarse, 48)
+
+
+def test_refine_explains_a_failing_mask_mod():
+    def broken(b, h, q_idx, kv_idx):
+        return q_idx.float().nonexistent()  # noqa
+
+    coarse = BlockMask.from_kv_blocks(torch.ones(1, 1, 2, dtype=torch.int32), torch.tensor([[[[0, 1], [1, 0]]]]),
+                                      BLOCK_SIZE=64, mask_mod=broken)
+    with pytest.raises(Exception, match="broken"):
+        refine_block_mask(coarse, 32)

@@ -156,3 +156,88 @@ def test_any_scale(variant, scale):
     low_out, low_lse, _ = math_attention(q, k, v, score_mod, block_mask, scale)
     assert_close_to_reference(out, ref_out, low_out, torch.float32, "out")
     assert_close_to_reference(lse, ref_lse, low_lse, torch.float32, "lse")
+
+
+# ---- the kernels walk a BlockMask refined to 64 x 64 blocks when that saves work (kernel.py _refined)
+def _packed_documents(L, cuts):
+    ids = torch.zeros(L, dtype=torch.int64)
+    for c in cuts:
+        ids[c:] += 1
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+    return ids, document_causal
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 300, 300, 40, 24), (1, 2, 2, 200, 330, 32, 32)],
+                         ids=["gqa_300_e40_ev24", "200x330"])
+def test_refined_block_mask_forward(shape):
+    from inductor_flex import create_block_mask
+    from inductor_flex.kernel import cached_plan
+    from inductor_flex.validation import validate_kernel_options
+
+    B, Hq, Hkv, Lq, Lkv, E, Ev = shape
+    _, mm = _packed_documents(max(Lq, Lkv), [23, 60, 61, 150, 290])
+    bm = create_block_mask(mm, None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=128)
+    q, k, v = make_inputs(shape, torch.float32, "cpu")
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=Hq != Hkv, return_lse=True, kernel_options=TRITON)
+    plan = cached_plan(q, k, v, None, bm, None, validate_kernel_options(TRITON))
+    assert plan.block_mask.BLOCK_SIZE == (64, 64), "short documents should take the refined mask"
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), None, bm)
+    low_out, low_lse, _ = math_attention(q, k, v, None, bm)
+    assert_close_to_reference(out, ref_out, low_out, torch.float32, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.float32, "lse")
+
+
+def test_refined_block_mask_follows_an_in_place_change_of_the_mask_tensor():
+    from inductor_flex import BlockMask
+
+    L = 256
+    ids, mm = _packed_documents(L, [40, 100, 170])
+    # every block listed as partial: the coarse mask stays right whatever the documents are
+    n = L // 128
+    bm = BlockMask.from_kv_blocks(torch.full((1, 1, n), n, dtype=torch.int32),
+                                  torch.arange(n, dtype=torch.int32).expand(1, 1, n, n), BLOCK_SIZE=128, mask_mod=mm)
+    q, k, v = make_inputs((1, 2, 2, L, L, 32, 32), torch.float32, "cpu")
+    flex_attention(q, k, v, block_mask=bm, kernel_options=TRITON)
+    ids.zero_()  # one document now: tiles the first refinement found empty are needed
+    ids[200:] = 1
+    out = flex_attention(q, k, v, block_mask=bm, kernel_options=TRITON)
+    ref_out, _, _ = math_attention(q.double(), k.double(), v.double(), None, bm)
+    low_out, _, _ = math_attention(q, k, v, None, bm)
+    assert_close_to_reference(out, ref_out, low_out, torch.float32, "out")
+
+
+@pytest.mark.parametrize("flag", [True, False, None], ids=["on", "off", "auto"])
+def test_refine_block_mask_option(flag):
+    from inductor_flex import create_block_mask
+    from inductor_flex.kernel import cached_plan
+    from inductor_flex.validation import validate_kernel_options
+    from inductor_flex.variants import generate_causal_mask
+
+    # causal S=512: refining saves 6% of the area, under the automatic threshold
+    bm = create_block_mask(generate_causal_mask(), None, None, 512, 512, device="cpu", BLOCK_SIZE=128)
+    q = torch.randn(1, 1, 512, 16)
+    opts = dict(TRITON) if flag is None else {**TRITON, "REFINE_BLOCK_MASK": flag}
+    plan = cached_plan(q, q, q, None, bm, None, validate_kernel_options(opts))
+    assert plan.block_mask.BLOCK_SIZE == ((64, 64) if flag else (128, 128))
+
+
+def test_refinement_skipped_when_a_broadcast_mask_reads_the_head():
+    from inductor_flex import create_block_mask
+    from inductor_flex.kernel import cached_plan
+    from inductor_flex.validation import validate_kernel_options
+
+    def every_other_head_short(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & ((h % 2 == 0) | (q_idx - kv_idx < 10))
+
+    # built for h = 0 and broadcast over 2 heads: head 1's mask is narrower than the blocks say
+    bm = create_block_mask(every_other_head_short, None, None, 256, 256, device="cpu", BLOCK_SIZE=128)
+    q, k, v = make_inputs((1, 2, 2, 256, 256, 16, 16), torch.float32, "cpu")
+    opts = {**TRITON, "REFINE_BLOCK_MASK": True}
+    plan = cached_plan(q, k, v, None, bm, None, validate_kernel_options(opts))
+    assert plan.block_mask.BLOCK_SIZE == (128, 128)
+    out = flex_attention(q, k, v, block_mask=bm, kernel_options=opts)
+    ref_out, _, _ = math_attention(q.double(), k.double(), v.double(), None, bm)
+    low_out, _, _ = math_attention(q, k, v, None, bm)
+    assert_close_to_reference(out, ref_out, low_out, torch.float32, "out")
