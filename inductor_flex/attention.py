@@ -8,7 +8,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from .block_mask import BlockMask
+from .block_mask import BlockMask, kernel_block_mask
 from .mods import check_arity
 from .reference import math_attention
 from .validation import validate_inputs, validate_kernel_options
@@ -98,7 +98,8 @@ def _flex_attention_traced(query, key, value, score_mod, block_mask, scale, enab
     validate_inputs(query, key, value, block_mask, scale, enable_gqa)
     _check_return_options(return_lse, return_aux)
     opts = validate_kernel_options(kernel_options)
-    bm = block_mask_tuple(block_mask, query.shape[2], key.shape[2])
+    # mask_mod cannot be evaluated while tracing: the refinement create_block_mask kept, if any
+    bm = block_mask_tuple(kernel_block_mask(block_mask, opts), query.shape[2], key.shape[2])
     out, lse, max_scores = flex_attention_hop(
         query, key, value, identity_score if score_mod is None else score_mod, bm, scale, opts
     )

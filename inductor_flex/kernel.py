@@ -21,7 +21,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .block_mask import BlockMask, create_block_mask, refine_block_mask
+from .block_mask import (
+    FINE_BLOCK, PINNED_TILES, BlockMask, _from_maps, _refined_maps, create_block_mask, refinable, refinement_pays,
+)
 from .mods import FlexModError, TensorIndexMode, explain_mod_error, mod_name, noop_mask
 from .printer import HELPERS, PrintedMod, identity_mod, print_mod
 from .validation import use_fast_tanh
@@ -322,39 +324,40 @@ class ForwardPlan:
         return render("flex_forward.py.jinja", **template_hooks(self.score, self.mask))
 
 
-_PINNED_TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
-_FINE_BLOCK = 64
-# refine when the fine grid covers at most this share of the coarse area. H100, bf16, D=128, 8 causal
-# documents: S=1024 (share 0.69) fwd 80.6 -> 111.6 TFLOP/s; S=4096 (share 0.84) 142.6 -> 174.9
-_REFINE_GAIN = 0.9
+def _index_reads(mask: PrintedMod) -> set:
+    body = mask.source.split("\n", 3)[-1]  # past the decorator, the signature and the name comment
+    return set(re.findall(r"\b([bh])\b", body))
+
+
+def mask_index_reads(mask_mod: Callable, device: torch.device) -> set:
+    """Which of b, h the printed mask_mod reads (both when it cannot be printed)."""
+    try:
+        return _index_reads(_printed_mod(mask_mod, "mask_mod", device, False))
+    except Exception:  # noqa: BLE001 - unprintable: the kernels never run it, refinement stays off
+        return {"b", "h"}
 
 
 def _refined(block_mask: Optional[BlockMask], mask: PrintedMod, B: int, Hq: int, opts: dict) -> Optional[BlockMask]:
-    """The BlockMask on a 64 x 64 grid when that saves the kernels real work (kernel_options
+    """The BlockMask on the 64 x 64 grid when that saves the kernels real work (kernel_options
     REFINE_BLOCK_MASK: None decides by area, True always, False never), else None.
 
     Packed documents are the case: at S=1024 with 8 causal documents the 128-blocks the kernels
     walk cover 2.5x the unmasked pairs, 64-blocks 1.7x. Causal and sliding-window masks gain 1.5 to
     6% of the area and keep the BlockMask's own blocks (and the 128-row tiles they allow)."""
     flag = opts.get("REFINE_BLOCK_MASK")
-    if block_mask is None or flag is False:
+    if block_mask is None or flag is False or not refinable(block_mask):
         return None
-    q_bs, kv_bs = block_mask.BLOCK_SIZE
-    if q_bs % _FINE_BLOCK or kv_bs % _FINE_BLOCK or (q_bs, kv_bs) == (_FINE_BLOCK, _FINE_BLOCK):
-        return None
-    if flag is None and any(k in opts for k in _PINNED_TILES):
+    if flag is None and any(k in opts for k in PINNED_TILES):
         return None  # the user chose tiles for this BlockMask's block size
-    Bm, Hm = block_mask.shape[:2]
-    body = mask.source.split("\n", 3)[-1]
-    if (Bm, Hm) != (B, Hq) and re.search(r"\b[bh]\b", body):
-        return None  # broadcast over b or h while mask_mod reads them: one refinement cannot serve all
-    fine = refine_block_mask(block_mask, _FINE_BLOCK)
-    if flag is None:
-        coarse_area = int(block_mask.to_dense().sum()) * q_bs * kv_bs
-        fine_area = int(fine.to_dense().sum()) * _FINE_BLOCK * _FINE_BLOCK
-        if fine_area > _REFINE_GAIN * coarse_area:
-            return None
-    return fine
+    reads = _index_reads(mask)
+    if (block_mask.shape[0] != B and "b" in reads) or (block_mask.shape[1] != Hq and "h" in reads):
+        return None  # broadcast over b or h while mask_mod reads it: one refinement cannot serve all
+    if block_mask.refined is not None:  # create_block_mask found it pays
+        return block_mask.refined
+    partial, full = _refined_maps(block_mask, FINE_BLOCK, FINE_BLOCK)
+    if flag is None and not refinement_pays(block_mask, partial, full):
+        return None
+    return _from_maps(partial, full, block_mask.seq_lengths, (FINE_BLOCK, FINE_BLOCK), block_mask.mask_mod)
 
 
 def template_hooks(sm: PrintedMod, mm: PrintedMod) -> dict:

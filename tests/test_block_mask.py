@@ -197,8 +197,8 @@ def test_refine_evaluates_only_partial_blocks(monkeypatch):
         seen.append((q.shape, kv.shape))
         return real(mm, b, h, q, kv)
 
-    monkeypatch.setattr(bmod, "eval_mask_blocks", spy)
     coarse = create_block_mask(generate_causal_mask(), None, None, 512, 512, device="cpu", BLOCK_SIZE=128)
+    monkeypatch.setattr(bmod, "eval_mask_blocks", spy)
     fine = refine_block_mask(coarse, 64)
     # the 4 diagonal blocks are the only partial ones: 4 tiles of 128 x 128 evaluated, not 512 x 512
     assert seen == [((4, 128), (4, 128))]
@@ -219,3 +219,26 @@ def test_refine_explains_a_failing_mask_mod():
                                       BLOCK_SIZE=64, mask_mod=broken)
     with pytest.raises(Exception, match="broken"):
         refine_block_mask(coarse, 32)
+
+
+def test_create_block_mask_keeps_a_refinement_only_when_it_pays():
+    L = 512
+    doc = _doc_mask(L, [100, 230, 300])
+    bm = create_block_mask(doc, None, None, L, L, device="cpu")
+    _assert_same_blocks(bm.refined, create_block_mask(doc, None, None, L, L, device="cpu", BLOCK_SIZE=64))
+    assert bm.to("cpu").refined is not None
+    # causal S=1024: 64-blocks cover 94% of the 128-blocks' area, under the 10% saving asked
+    assert create_block_mask(generate_causal_mask(), None, None, 1024, 1024, device="cpu").refined is None
+    assert create_block_mask(doc, None, None, L, L, device="cpu", BLOCK_SIZE=64).refined is None
+    assert create_block_mask(None, None, None, L, L, device="cpu").refined is None
+
+
+def test_no_refinement_kept_for_a_broadcast_mask_that_reads_the_head():
+    def chunks_per_head(b, h, q_idx, kv_idx):
+        w = 20 + 12 * h  # causal chunks, wider on later heads
+        return (q_idx // w == kv_idx // w) & (q_idx >= kv_idx)
+
+    assert create_block_mask(chunks_per_head, None, None, 512, 512, device="cpu").refined is None
+    per_head = create_block_mask(chunks_per_head, 1, 2, 512, 512, device="cpu")
+    _assert_same_blocks(per_head.refined, create_block_mask(chunks_per_head, 1, 2, 512, 512, device="cpu",
+                                                            BLOCK_SIZE=64))

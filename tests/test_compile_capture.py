@@ -198,3 +198,29 @@ def test_eager_backend_runs_the_fused_kernel(variant, monkeypatch):
     ref, _, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
     low, _, _ = math_attention(q, k, v, score_mod, block_mask)
     assert_close_to_reference(out, ref, low, torch.float32, "out")
+
+
+@pytest.mark.parametrize("flag", [None, False], ids=["default", "refine_off"])
+def test_compiled_call_takes_the_refinement_create_block_mask_kept(flag):
+    # mask_mod cannot run while tracing: a document mask carries its 64 x 64 refinement into the graph
+    S = 512
+    ids = torch.zeros(S, dtype=torch.long)
+    for cut in (100, 230, 300):
+        ids[cut:] += 1
+    bm = create_block_mask(generate_doc_mask_mod(generate_causal_mask(), ids), None, None, S, S, device="cpu")
+    assert bm.refined is not None and bm.refined.BLOCK_SIZE == (64, 64)
+    opts = None if flag is None else {"REFINE_BLOCK_MASK": flag}
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm
+
+    q, k, v = make_inputs((1, 2, 2, S, S, 32, 32), torch.float32, "cpu")
+    out = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=bm, kernel_options=opts),
+                        backend=backend, fullgraph=True)(q, k, v)
+    (node,) = _hop_nodes(graphs[0])
+    assert tuple(node.args[4][10:12]) == ((64, 64) if flag is None else (128, 128))
+    ref, _, _ = math_attention(q.double(), k.double(), v.double(), None, bm)
+    low, _, _ = math_attention(q, k, v, None, bm)
+    assert_close_to_reference(out, ref, low, torch.float32)
