@@ -247,3 +247,28 @@ def test_compiled_softcap_tanh(opts):
     low, _, _ = math_attention(q.detach(), k.detach(), v.detach(), score_mod, bm)
     assert_close_to_reference(out.detach(), ref, low, torch.bfloat16, "out")
     assert_grads_close(q, k, v, grads, g, score_mod, bm, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("variant", ["document", "sliding_window"])
+def test_inductor_walks_the_refined_block_mask(variant, dtype):
+    # create_block_mask kept a 64 x 64 refinement: the compiled templates take it, forward and backward
+    dims = (2, 8, 2, 1000, 1000, 128, 128)
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, dtype, "cuda", requires_grad=True)
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda", block=128)
+    assert block_mask.refined is not None and block_mask.refined.BLOCK_SIZE == (64, 64)
+
+    def run(q, k, v):
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True)
+
+    torch._dynamo.reset()
+    out, lse = torch.compile(run, backend="inductor", fullgraph=True)(q, k, v)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_out, ref_lse, _ = math_attention(q.detach().double(), k.detach().double(), v.detach().double(),
+                                         None, block_mask)
+    low_out, low_lse, _ = math_attention(q.detach(), k.detach(), v.detach(), None, block_mask)
+    assert_close_to_reference(out, ref_out, low_out, dtype, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, dtype, "lse")
+    assert_grads_close(q, k, v, grads, g, None, block_mask, dtype)
