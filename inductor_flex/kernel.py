@@ -345,7 +345,12 @@ def _refined(block_mask: Optional[BlockMask], mask: PrintedMod, B: int, Hq: int,
     walk cover 2.5x the unmasked pairs, 64-blocks 1.7x. Causal and sliding-window masks gain 1.5 to
     6% of the area and keep the BlockMask's own blocks (and the 128-row tiles they allow)."""
     flag = opts.get("REFINE_BLOCK_MASK")
-    if block_mask is None or flag is False or not refinable(block_mask):
+    if block_mask is None or flag is False:
+        return None
+    if flag and any(b % FINE_BLOCK for b in block_mask.BLOCK_SIZE):
+        raise ValueError(f"kernel_options REFINE_BLOCK_MASK=True needs a BlockMask whose block sizes are multiples "
+                         f"of {FINE_BLOCK}, got BLOCK_SIZE {block_mask.BLOCK_SIZE}")
+    if not refinable(block_mask):
         return None
     if flag is None and any(k in opts for k in PINNED_TILES):
         return None  # the user chose tiles for this BlockMask's block size

@@ -241,3 +241,13 @@ def test_refinement_skipped_when_a_broadcast_mask_reads_the_head():
     ref_out, _, _ = math_attention(q.double(), k.double(), v.double(), None, bm)
     low_out, _, _ = math_attention(q, k, v, None, bm)
     assert_close_to_reference(out, ref_out, low_out, torch.float32, "out")
+
+
+def test_refine_block_mask_true_needs_blocks_of_64():
+    from inductor_flex import create_block_mask
+    from inductor_flex.variants import generate_causal_mask
+
+    bm = create_block_mask(generate_causal_mask(), None, None, 96, 96, device="cpu", BLOCK_SIZE=32)
+    q = torch.randn(1, 1, 96, 16)
+    with pytest.raises(ValueError, match="REFINE_BLOCK_MASK=True needs a BlockMask whose block sizes are multiples of 64"):
+        flex_attention(q, q, q, block_mask=bm, kernel_options={**TRITON, "REFINE_BLOCK_MASK": True})
