@@ -148,3 +148,14 @@ LEARNABLE = {
 }
 
 
+
+
+def packed_documents(L, cuts):
+    """(ids, mask_mod): causal attention within documents that start at ``cuts`` (ids mutable in place)."""
+    ids = torch.zeros(L, dtype=torch.int64)
+    for c in cuts:
+        ids[c:] += 1
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+    return ids, document_causal

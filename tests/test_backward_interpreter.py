@@ -6,7 +6,9 @@ import torch
 from inductor_flex import flex_attention
 from inductor_flex.reference import math_attention
 
-from cases import LEARNABLE, LEARNABLE_LEN as L, SHAPES, VARIANTS, make_inputs, make_variant, two_reads_repeated
+from cases import (
+    LEARNABLE, LEARNABLE_LEN as L, SHAPES, VARIANTS, make_inputs, make_variant, packed_documents, two_reads_repeated,
+)
 from conftest import assert_close_to_reference
 
 TRITON = {"BACKEND": "TRITON"}
@@ -233,13 +235,7 @@ def test_backward_with_refined_block_mask(shape):
     from inductor_flex.validation import validate_kernel_options
 
     B, Hq, Hkv, Lq, Lkv, E, Ev = shape
-    ids = torch.zeros(max(Lq, Lkv), dtype=torch.int64)
-    for c in (23, 60, 61, 150, 290):
-        ids[c:] += 1
-
-    def document_causal(b, h, q_idx, kv_idx):
-        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
-
+    _, document_causal = packed_documents(max(Lq, Lkv), (23, 60, 61, 150, 290))
     bm = create_block_mask(document_causal, None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=128)
     q = torch.empty(B, Hq, Lq, E)
     kv = torch.empty(B, Hkv, Lkv, E)

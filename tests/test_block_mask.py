@@ -7,6 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 from inductor_flex import BlockMask, and_masks, create_block_mask, create_mask, noop_mask, or_masks
 from inductor_flex.block_mask import refine_block_mask
+
+from cases import packed_documents
 from inductor_flex.variants import generate_causal_mask, generate_sliding_window
 
 
@@ -161,13 +163,7 @@ def _assert_same_blocks(a, b):
 
 
 def _doc_mask(L, cuts):
-    ids = torch.zeros(L, dtype=torch.int64)
-    for c in cuts:
-        ids[c:] += 1
-
-    def document_causal(b, h, q_idx, kv_idx):
-        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
-    return document_causal
+    return packed_documents(L, cuts)[1]
 
 
 def _head_stride_mask(b, h, q_idx, kv_idx):

@@ -5,7 +5,7 @@ import torch
 from inductor_flex import flex_attention
 from inductor_flex.reference import math_attention
 
-from cases import SHAPES, VARIANTS, make_inputs, make_variant
+from cases import SHAPES, VARIANTS, make_inputs, make_variant, packed_documents
 from conftest import assert_close_to_reference
 
 TRITON = {"BACKEND": "TRITON"}
@@ -159,16 +159,6 @@ def test_any_scale(variant, scale):
 
 
 # ---- the kernels walk a BlockMask refined to 64 x 64 blocks when that saves work (kernel.py _refined)
-def _packed_documents(L, cuts):
-    ids = torch.zeros(L, dtype=torch.int64)
-    for c in cuts:
-        ids[c:] += 1
-
-    def document_causal(b, h, q_idx, kv_idx):
-        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
-    return ids, document_causal
-
-
 @pytest.mark.parametrize("shape", [(2, 4, 2, 300, 300, 40, 24), (1, 2, 2, 200, 330, 32, 32)],
                          ids=["gqa_300_e40_ev24", "200x330"])
 def test_refined_block_mask_forward(shape):
@@ -177,7 +167,7 @@ def test_refined_block_mask_forward(shape):
     from inductor_flex.validation import validate_kernel_options
 
     B, Hq, Hkv, Lq, Lkv, E, Ev = shape
-    _, mm = _packed_documents(max(Lq, Lkv), [23, 60, 61, 150, 290])
+    _, mm = packed_documents(max(Lq, Lkv), [23, 60, 61, 150, 290])
     bm = create_block_mask(mm, None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=128)
     q, k, v = make_inputs(shape, torch.float32, "cpu")
     out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=Hq != Hkv, return_lse=True, kernel_options=TRITON)
@@ -193,7 +183,7 @@ def test_refined_block_mask_follows_an_in_place_change_of_the_mask_tensor():
     from inductor_flex import BlockMask
 
     L = 256
-    ids, mm = _packed_documents(L, [40, 100, 170])
+    ids, mm = packed_documents(L, [40, 100, 170])
     # every block listed as partial: the coarse mask stays right whatever the documents are
     n = L // 128
     bm = BlockMask.from_kv_blocks(torch.full((1, 1, n), n, dtype=torch.int32),
