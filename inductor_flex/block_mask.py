@@ -302,14 +302,7 @@ def create_block_mask(
         any_blk, all_blk = _block_any_all(mask_mod, B, H, Q_LEN, KV_LEN, q_bs, kv_bs, device)
     partial = any_blk & ~all_blk
     full = all_blk
-    kv_num, kv_idx = _ordered_indices(partial)
-    full_kv_num, full_kv_idx = _ordered_indices(full)
-    q_num, q_idx = _ordered_indices(partial.transpose(-1, -2))
-    full_q_num, full_q_idx = _ordered_indices(full.transpose(-1, -2))
-    bm = BlockMask(
-        (Q_LEN, KV_LEN), kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx,
-        (q_bs, kv_bs), mask_mod,
-    )
+    bm = _from_maps(partial, full, (Q_LEN, KV_LEN), (q_bs, kv_bs), mask_mod)
     _attach_refinement(bm)
     return bm
 

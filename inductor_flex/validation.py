@@ -29,7 +29,7 @@ KNOWN_KERNEL_OPTIONS = {
     "BLOCK_N2": int,
     # backward: accumulate dQ inside the dK/dV kernel with atomics instead of a separate dQ kernel
     "FUSED_DQ": bool,
-    # the eager kernels walk the BlockMask refined to 64 x 64 blocks (default: when that saves 10% of the area)
+    # the kernels walk the BlockMask refined to 64 x 64 blocks (default: when that saves 10% of the area)
     "REFINE_BLOCK_MASK": bool,
 }
 
