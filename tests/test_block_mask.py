@@ -229,6 +229,13 @@ def test_create_block_mask_keeps_a_refinement_only_when_it_pays():
     assert create_block_mask(None, None, None, L, L, device="cpu").refined is None
 
 
+@pytest.mark.parametrize("S", [256, 384, 512, 640, 896])
+def test_causal_masks_never_keep_a_refinement(S):
+    # a quarter block saved per row at every length: under the half-block rule on both sides of the
+    # area share's 0.9 crossing (S=512 -> 640), so dynamic lengths do not change the BlockMask's pytree
+    assert create_block_mask(generate_causal_mask(), None, None, S, S, device="cpu").refined is None
+
+
 def test_no_refinement_kept_for_a_broadcast_mask_that_reads_the_head():
     def chunks_per_head(b, h, q_idx, kv_idx):
         w = 20 + 12 * h  # causal chunks, wider on later heads
