@@ -209,6 +209,8 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
                   SPARSE_Q=sparse[0], SPARSE_KV=sparse[1], DENSE=dense,
                   DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"')
     interpret = device.type == "cpu"
+    # the eager rule: small problems take each kernel's first candidate, without benchmarks
+    first_only = not fwd.sizes_autotune_pays(B, Hq, Lq, Lkv)
     loads = (bool(score_bufs), bool(mask_bufs))
     extra = list(score_bufs) + list(mask_bufs)
 
@@ -221,7 +223,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
     gen = {} if dense else (fwd._recorded_block_mask(recorded[4:8], q_side, offset=7)
                             or fwd._stand_in_block_mask(has_full, nq, nk, side="q", offset=7))
     choices, error = [], None
-    for cfg in backward_configs("dkdv", E, Ev, dtype, sparse, interpret):
+    for cfg in backward_configs("dkdv", E, Ev, dtype, sparse, interpret)[:1 if first_only else None]:
         # query tiles walk whole sparse blocks, which can reach past Lq: "even" means block-aligned
         error = tmpl.maybe_append_choice(
             choices, input_nodes=inputs, layout=layout, subgraphs=subgraphs, mutated_inputs=[dv],
@@ -241,7 +243,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
     gen = {} if dense else (fwd._recorded_block_mask(recorded[:4], kv_side, offset=6)
                             or fwd._stand_in_block_mask(has_full, nq, nk, side="kv", offset=6))
     choices, error = [], None
-    for cfg in backward_configs("dq", E, Ev, dtype, sparse, interpret):
+    for cfg in backward_configs("dq", E, Ev, dtype, sparse, interpret)[:1 if first_only else None]:
         error = tmpl.maybe_append_choice(
             choices, input_nodes=inputs, layout=layout, subgraphs=subgraphs, mutated_inputs=None,
             call_sizes=[B, Hq, Lq, E], num_stages=cfg.num_stages, num_warps=cfg.num_warps,

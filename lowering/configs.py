@@ -33,6 +33,15 @@ _FWD_CANDIDATES = {
     256: [Config(64, 32, 4, 2), Config(64, 64, 4, 2), Config(128, 32, 8, 2), Config(32, 32, 4, 2)],
 }
 _INTERPRETER_CONFIG = Config(16, 16, 1, 1)
+# below this many (query, key) pairs summed over batch and heads a kernel runs in microseconds, so
+# timing candidates costs more than it can save: the first candidate runs, eager and compiled alike
+# (under Inductor this also keeps tiny problems out of the template benchmark that faulted on the
+# H100 for a 64 x 64 GQA case, README "Known bug")
+AUTOTUNE_MIN_PAIRS = 1 << 24
+
+
+def autotune_pays(batch: int, heads: int, q_len: int, kv_len: int) -> bool:
+    return batch * heads * q_len * kv_len >= AUTOTUNE_MIN_PAIRS
 
 
 def _smem_bytes(cfg: Config, qk_pad: int, v_pad: int, elem: int) -> int:

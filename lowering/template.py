@@ -25,7 +25,7 @@ from inductor_flex.validation import use_fast_tanh
 from inductor_flex.templates import render
 
 from . import tuning_masks
-from .configs import Config, forward_configs, head_pad, wide_configs
+from .configs import Config, autotune_pays, forward_configs, head_pad, wide_configs
 
 # Off: every forward takes the custom op again (tests compare the two).
 ENABLED = True
@@ -175,6 +175,11 @@ def _grid(batch, heads, q_len, v_head, meta, *, cdiv):
 
 
 # ---- the lowering ------------------------------------------------------------------------------
+def sizes_autotune_pays(batch, heads, q_len, kv_len) -> bool:
+    """configs.autotune_pays on Inductor sizes (their hints: no guard, only a config choice)."""
+    return autotune_pays(*(compat.size_hint(d) for d in (batch, heads, q_len, kv_len)))
+
+
 def _placeholder(name: str, dtype: torch.dtype, device):
     ir = compat.inductor_ir()
     return ir.TensorBox.create(ir.InputBuffer(name=name, layout=ir.FixedLayout(device, dtype, [], [])))
@@ -360,6 +365,8 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
             raise ValueError("under torch.compile, pin a kernel config with all of BLOCK_M, BLOCK_N, num_warps and "
                              "num_stages (or none)")
         configs = [Config(int(opts["BLOCK_M"]), int(opts["BLOCK_N"]), int(opts["num_warps"]), int(opts["num_stages"]))]
+    elif not sizes_autotune_pays(B, Hq, Lq, Lkv):
+        configs = configs[:1]  # Inductor benchmarks nothing for one choice
     elif compat.inductor_max_autotune():
         configs = configs + [c for c in wide_configs(E, Ev, dtype, sparse, device) if c not in configs]
 

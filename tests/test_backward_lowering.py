@@ -167,3 +167,35 @@ def test_backward_config_benchmarks_use_the_real_block_mask(interpreted_inductor
         for made, w in zip(seen[name], want):
             assert torch.equal(made, w.to(torch.int32)), name
     assert_grads_close(q, k, v, grads, g, None, bm, torch.float32)
+
+
+@pytest.mark.parametrize("pays", [False, True], ids=["small-one_choice", "large-all_choices"])
+def test_small_problems_take_one_backward_config(interpreted_inductor, monkeypatch, pays):
+    """The dK/dV and dQ kernels follow the forward's rule (configs.autotune_pays)."""
+    from inductor_flex import compat
+    from inductor_flex.lowering import configs
+    from inductor_flex.lowering.configs import Config
+
+    cands = [Config(16, 16, 1, 1), Config(16, 16, 2, 1)]
+    monkeypatch.setattr(backward_template, "backward_configs", lambda *a, **kw: list(cands))
+    if pays:
+        monkeypatch.setattr(configs, "AUTOTUNE_MIN_PAIRS", 1)
+    counts = {}
+    real_select = compat.select_template
+
+    def spy(name, choices, inputs, layout, gen):
+        counts[name] = len(choices)
+        return real_select(name, choices[:1], inputs, layout, gen)  # (no benchmarks on CPU)
+
+    monkeypatch.setattr(compat, "select_template", spy)
+    torch._dynamo.reset()
+    dims = SHAPES["odd37_E40"]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, torch.float32, "cpu", requires_grad=True)
+    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v), fullgraph=True)
+    g = torch.randn(B, Hq, Lq, Ev)
+    grads = torch.autograd.grad(fn(q, k, v), (q, k, v), g)
+    n = 2 if pays else 1
+    assert {k: c for k, c in counts.items() if "backward" in k} == {
+        "inductor_flex_backward_dkdv": n, "inductor_flex_backward_dq": n}
+    assert_grads_close(q, k, v, grads, g, None, None, torch.float32)

@@ -280,3 +280,33 @@ def test_template_any_scale(interpreted_inductor, scale):
 
     for name, a, r, lo in zip(("dq", "dk", "dv"), grads, math_grads(torch.float64), math_grads(torch.float32)):
         assert_close_to_reference(a, r, lo, torch.float32, name)
+
+
+@pytest.mark.parametrize("pays", [False, True], ids=["small-one_choice", "large-all_choices"])
+def test_small_problems_take_one_config(interpreted_inductor, monkeypatch, pays):
+    """As in the eager path, a problem below configs.AUTOTUNE_MIN_PAIRS gives Inductor one forward
+    choice (nothing to benchmark); above it, every candidate."""
+    from inductor_flex import compat
+    from inductor_flex.lowering import configs
+    from inductor_flex.lowering.configs import Config
+
+    cands = [Config(16, 16, 1, 1), Config(16, 16, 2, 1), Config(32, 16, 1, 1)]
+    monkeypatch.setattr(template, "forward_configs", lambda *a, **kw: list(cands))
+    if pays:
+        monkeypatch.setattr(configs, "AUTOTUNE_MIN_PAIRS", 1)
+    counts = []
+    real_select = compat.select_template
+
+    def spy(name, choices, inputs, layout, gen):
+        counts.append((name, len(choices)))
+        return real_select(name, choices[:1], inputs, layout, gen)  # (no benchmarks on CPU)
+
+    monkeypatch.setattr(compat, "select_template", spy)
+    torch._dynamo.reset()
+    dims = SHAPES["odd37_E40"]
+    q, k, v = make_inputs(dims, torch.float32, "cpu")
+    out = torch.compile(lambda q, k, v: flex_attention(q, k, v), fullgraph=True)(q, k, v)
+    assert counts == [("inductor_flex_forward", 3 if pays else 1)]
+    ref, _, _ = reference64(q, k, v, None, None)
+    low, _, _ = reference_same_dtype(q, k, v, None, None)
+    assert_close_to_reference(out, ref, low, torch.float32)
