@@ -34,11 +34,15 @@ def signature_of(fn, args, constexprs: Dict[str, object]) -> Tuple[dict, dict, d
     equal to 1 becomes a constant, and 16-byte-aligned pointers and ints divisible by 16 carry
     tt.divisibility (what lets the GPU build vectorize loads and fold address arithmetic)."""
     names = fn.arg_names
+    declared = {names[i] for i in fn.constexprs}  # tl.constexpr parameters passed positionally
     sig, consts, attrs = {}, {}, {}
     positional = [n for n in names if n not in constexprs]
     if len(positional) != len(args):
         raise ValueError(f"{len(args)} positional args for {len(positional)} parameters")
     for n, a in zip(positional, args):
+        if n in declared:
+            sig[n], consts[n] = "constexpr", a
+            continue
         if isinstance(a, int) and not isinstance(a, bool) and a == 1:
             sig[n], consts[n] = "constexpr", 1
             continue

@@ -19,7 +19,7 @@ from .kernel import _block_mask_args, load_module, template_hooks, triton_cdiv
 from .printer import PrintedMod, print_score_mod_backward
 from .reference import math_attention
 
-from inductor_flex.lowering.configs import Config, backward_configs, head_pad
+from inductor_flex.lowering.configs import Config, autotune_pays, backward_configs, head_pad
 from inductor_flex.templates import render
 
 log = logging.getLogger("inductor_flex")
@@ -51,7 +51,7 @@ class BackwardPlan:
         self.grad_caps = grad_caps if plan.has_score_mod else ()
         self.bwd = _score_mod_bwd(plan, score_mod, self.grad_caps)
         self.opts = opts
-        key = (id(plan.score), id(plan.mask), id(self.bwd))
+        key = (id(plan.score), id(plan.mask), id(self.bwd), plan.specialized)
         hit = _rendered.get(key)
         if hit is not None and hit[0] is plan.score and hit[1] is plan.mask and hit[2] is self.bwd:
             self.source = hit[3]
@@ -77,6 +77,7 @@ class BackwardPlan:
             grad_params="".join(p + ", " for p in grads),
             grad_args="".join(p + ", " for p in grads),
             score_bwd_args="".join(p + ", " for p in sm.params + grads),
+            specialize_layout=self.fwd.specialized,
         )
 
 
@@ -250,7 +251,7 @@ def _captured_grads_math(plan, query, key, value, grad_out, grad_lse, want):
 def _tune(bplan: BackwardPlan, kind: str, candidates: List[Config], launch, query, key, value) -> Config:
     plan = bplan.fwd
     B, Hq, Lq, E = query.shape
-    if plan.interpret or len(candidates) == 1 or B * Hq * Lq * key.shape[2] < (1 << 24):
+    if plan.interpret or len(candidates) == 1 or not autotune_pays(B, Hq, Lq, key.shape[2]):
         return candidates[0]
     from .kernel import _bucket
 

@@ -28,7 +28,7 @@ from .mods import FlexModError, TensorIndexMode, explain_mod_error, mod_name, no
 from .printer import HELPERS, PrintedMod, identity_mod, print_mod
 from .validation import use_fast_tanh
 
-from inductor_flex.lowering.configs import Config, forward_configs, head_pad, user_config
+from inductor_flex.lowering.configs import Config, autotune_pays, forward_configs, head_pad, user_config
 from inductor_flex.templates import render
 
 log = logging.getLogger("inductor_flex")
@@ -252,6 +252,52 @@ def kernel_supports(qk_head: int, v_head: Optional[int], block_mask: Optional[Bl
 _noop_masks: Dict[tuple, BlockMask] = {}
 _config_cache: Dict[tuple, list] = {}
 _rendered: Dict[tuple, tuple] = {}
+# (printed mods, dtype, device, head dims) -> the first layout a plan was made for
+_first_layout: Dict[tuple, tuple] = {}
+
+
+# shorter sequences keep the generic kernels: with lengths as constexprs a short dense loop's trip
+# count became a constant below the pipeline depth, and Triton 3.6 computed wrong outputs and dQ on
+# the H100 (L=64, GQA 4/2, 2026-11-26); at 512 every candidate tile walks at least 4 blocks
+SPECIALIZE_MIN_LEN = 512
+# and calls with less work than this many visited (query, key) pairs: the specialized launches
+# measured ~170 us more host time per eager fwd+bwd step (document S=1024, same kernel times), which
+# outweighs their kernel gain in short steps (document S=4096 B=4: f+b 162 -> 106 TFLOP/s); a dense
+# S=4096, B=4, H=16 call visits 2^30 pairs and gained 4-10%
+SPECIALIZE_MIN_WORK = 1 << 29
+
+
+def _visited_pairs(block_mask: BlockMask, B: int, Hq: int) -> int:
+    """(query, key) pairs the kernels walk: the mask's partial and full blocks x block area."""
+    q_bs, kv_bs = block_mask.BLOCK_SIZE
+    blocks = int(block_mask.kv_num_blocks.sum())
+    if block_mask.full_kv_num_blocks is not None:
+        blocks += int(block_mask.full_kv_num_blocks.sum())
+    Bm, Hm = block_mask.kv_num_blocks.shape[:2]
+    return blocks * q_bs * kv_bs * (B // Bm) * (Hq // Hm)
+
+
+def _specialize_layout(score: PrintedMod, mask: PrintedMod, query, key, value, block_mask, opts: dict) -> bool:
+    """Whether this plan's kernels take strides, lengths and head counts as constexprs (compiled for
+    one layout, as Inductor's kernels are). kernel_options SPECIALIZE_LAYOUT False: never; True: for
+    any layout; by default for the first layout planned with these mods if the call visits at least
+    SPECIALIZE_MIN_WORK pairs; never for sequences under SPECIALIZE_MIN_LEN. H100, bf16, D=128,
+    S=4096, B=4, one run each: noop fwd 481 -> 529 TFLOP/s, f+b 415 -> 434; ALiBi fwd 441 -> 456,
+    f+b 387 -> 405; strides alone gained nothing. Other layouts of the same mods take the generic
+    kernels, so a workload of many lengths compiles two kernels, not one per length."""
+    flag = opts.get("SPECIALIZE_LAYOUT")
+    if flag is False or min(query.shape[2], key.shape[2]) < SPECIALIZE_MIN_LEN:
+        return False
+    if flag:
+        return True
+    if _visited_pairs(block_mask, query.shape[0], query.shape[1]) < SPECIALIZE_MIN_WORK:
+        return False
+    family = (id(score), id(mask), query.dtype, query.device, query.shape[-1], value.shape[-1])
+    layout = (query.shape, key.shape, value.shape, query.stride(), key.stride(), value.stride(),
+              block_mask.kv_num_blocks.shape, block_mask.kv_num_blocks.stride())
+    if len(_first_layout) > 1024:
+        _first_layout.clear()
+    return _first_layout.setdefault(family, layout) == layout
 
 
 def _default_block_mask(Lq: int, Lkv: int, device: torch.device) -> BlockMask:
@@ -291,6 +337,7 @@ class ForwardPlan:
             self.block_mask = fine
         self.has_score_mod = score_mod is not None
         self.score_mod, self.user_block_mask, self.opts = score_mod, block_mask, opts
+        self.specialized = _specialize_layout(self.score, self.mask, query, key, value, self.block_mask, opts)
         self.source = self._render(query, value)
         B, Hq, Lq, E = query.shape
         Ev = value.shape[-1]
@@ -311,17 +358,19 @@ class ForwardPlan:
 
     def _render(self, query, value) -> str:
         sm, mm = self.score, self.mask
-        hit = _rendered.get((id(sm), id(mm)))
+        key = (id(sm), id(mm), self.specialized)
+        hit = _rendered.get(key)
         if hit is not None and hit[0] is sm and hit[1] is mm:
             return hit[2]
         source = self._render_uncached()
         if len(_rendered) > 256:
             _rendered.clear()
-        _rendered[(id(sm), id(mm))] = (sm, mm, source)
+        _rendered[key] = (sm, mm, source)
         return source
 
     def _render_uncached(self) -> str:
-        return render("flex_forward.py.jinja", **template_hooks(self.score, self.mask))
+        return render("flex_forward.py.jinja", **template_hooks(self.score, self.mask),
+                      specialize_layout=self.specialized)
 
 
 def _index_reads(mask: PrintedMod) -> set:
@@ -505,8 +554,7 @@ def _bucket(n: int) -> int:
 
 def _pick_config(plan: ForwardPlan, launch, query, key, value) -> Config:
     B, Hq, Lq, E = query.shape
-    # small problems run in microseconds: autotuning them costs more than it can save
-    if plan.interpret or len(plan.candidates) == 1 or B * Hq * Lq * key.shape[2] < (1 << 24):
+    if plan.interpret or len(plan.candidates) == 1 or not autotune_pays(B, Hq, Lq, key.shape[2]):
         return plan.candidates[0]
     tune_key = (plan.source, str(query.dtype), E, value.shape[-1], plan.block_mask.BLOCK_SIZE,
                 _bucket(Lq), _bucket(key.shape[2]), _bucket(B * Hq), query.device.index)

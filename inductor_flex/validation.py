@@ -31,6 +31,9 @@ KNOWN_KERNEL_OPTIONS = {
     "FUSED_DQ": bool,
     # the kernels walk the BlockMask refined to 64 x 64 blocks (default: when that saves 10% of the area)
     "REFINE_BLOCK_MASK": bool,
+    # eager kernels compiled for the call's strides and lengths (default: the first layout of a
+    # score_mod / mask_mod pair, for calls with enough work; kernel.py _specialize_layout)
+    "SPECIALIZE_LAYOUT": bool,
 }
 
 

@@ -21,6 +21,8 @@ from inductor_flex import kernel as K  # noqa: E402
 from inductor_flex import aot  # noqa: E402
 from inductor_flex.lowering.configs import backward_configs, forward_configs  # noqa: E402
 
+K.SPECIALIZE_MIN_LEN = 1  # the GPU labels compile the layout-specialized kernels at these short lengths too
+
 
 def specializations():
     """Yield (label, variant, shape_name, dtype, config) for each distinct launch."""
@@ -43,7 +45,12 @@ def compile_one(job):
     q, k, v = make_inputs(shape, dtype, "cpu")
     score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
     # 16-bit inputs default to the hardware tanh; the other labels pin the exact formula
-    plan = K.ForwardPlan(q, k, v, score_mod, block_mask, None, {} if which.endswith("fast_tanh") else {"FAST_TANH": False})
+    # the GPU labels build the kernels specialized to the call's layout, the interpreter's the generic ones
+    opts = {"SPECIALIZE_LAYOUT": which != "interp"}
+    if not which.endswith("fast_tanh"):
+        opts["FAST_TANH"] = False
+    plan = K.ForwardPlan(q, k, v, score_mod, block_mask, None, opts)
+    assert ("stride_qm: tl.constexpr" in plan.source) == opts["SPECIALIZE_LAYOUT"]
     if variant == "softcap":
         assert ("_tanh_approx(" in plan.source.split("# ---- hooks")[1]) == which.endswith("fast_tanh")
     bs = plan.block_mask.BLOCK_SIZE
@@ -100,7 +107,8 @@ def compile_backward(job):
     else:
         score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
     # the interpreter tests' labels pin the exact tanh; the GPU ones take the 16-bit default (hardware tanh)
-    plan = K.ForwardPlan(q, k, v, score_mod, block_mask, None, {"FAST_TANH": False} if which == "interp" else {})
+    opts = {"FAST_TANH": False, "SPECIALIZE_LAYOUT": False} if which == "interp" else {"SPECIALIZE_LAYOUT": True}
+    plan = K.ForwardPlan(q, k, v, score_mod, block_mask, None, opts)
     grad_caps = tuple(any(t is c for c in caps) for t in plan.score.tensors) if plan.has_score_mod else ()
     bplan = BackwardPlan(plan, score_mod, grad_caps, {})
     out = torch.empty(B, Hq, Lq, Ev, dtype=dtype)

@@ -117,3 +117,20 @@ def test_refined_block_mask_gpu(variant, dtype):
     plan = cached_plan(q, kv, kv, score_mod, bm, None, validate_kernel_options({"BACKEND": "TRITON"}))
     assert plan.block_mask.BLOCK_SIZE == (64, 64)
     check_backward(shape, dtype, score_mod, bm, kernel_options={"BACKEND": "TRITON"}, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("variant", ["alibi", "causal"])
+def test_layout_specialized_kernels_gpu(variant, dtype):
+    # strides, lengths and head counts as constexprs (kernel.py _specialize_layout): GQA, odd lengths
+    # past SPECIALIZE_MIN_LEN, a V head dim that is not a power of two
+    from inductor_flex.kernel import cached_plan
+    from inductor_flex.validation import validate_kernel_options
+
+    opts = {"BACKEND": "TRITON", "SPECIALIZE_LAYOUT": True}
+    shape = (1, 4, 2, 600, 520, 64, 48)
+    score_mod, bm = make_variant(variant, 600, 520, 4, "cuda", block=128)
+    q = torch.empty(1, 4, 600, 64, device="cuda", dtype=dtype)
+    kv = torch.empty(1, 2, 520, 64, device="cuda", dtype=dtype)
+    assert cached_plan(q, kv, kv, score_mod, bm, None, validate_kernel_options(opts)).specialized
+    check_backward(shape, dtype, score_mod, bm, kernel_options=opts, device="cuda")

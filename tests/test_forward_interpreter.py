@@ -241,3 +241,95 @@ def test_refine_block_mask_true_needs_blocks_of_64():
     q = torch.randn(1, 1, 96, 16)
     with pytest.raises(ValueError, match="REFINE_BLOCK_MASK=True needs a BlockMask whose block sizes are multiples of 64"):
         flex_attention(q, q, q, block_mask=bm, kernel_options={**TRITON, "REFINE_BLOCK_MASK": True})
+
+
+# ---- layout specialization (kernel.py _specialize_layout): strides and lengths as constexprs
+def test_first_layout_gets_specialized_kernels_and_others_the_generic_ones(monkeypatch):
+    from inductor_flex import kernel as K
+    from inductor_flex.backward import BackwardPlan
+    from inductor_flex.kernel import cached_plan
+    from inductor_flex.validation import validate_kernel_options
+    from conftest import assert_grads_close
+
+    def halve(score, b, h, q_idx, kv_idx):  # a mod of its own: its first layout is this test's
+        return score * 0.5 + (q_idx - kv_idx) * 0.01
+
+    # (the interpreter is free of the GPU's reasons for these floors)
+    monkeypatch.setattr(K, "SPECIALIZE_MIN_LEN", 16)
+    monkeypatch.setattr(K, "SPECIALIZE_MIN_WORK", 0)
+
+    specialized = {}
+    for name, shape in (("first", (1, 2, 2, 37, 45, 32, 24)), ("second", (2, 2, 1, 50, 29, 32, 24)),
+                        ("first_again", (1, 2, 2, 37, 45, 32, 24))):
+        B, Hq, Hkv, Lq, Lkv, E, Ev = shape
+        q, k, v = make_inputs(shape, torch.float32, "cpu", requires_grad=True)
+        out = flex_attention(q, k, v, score_mod=halve, enable_gqa=Hq != Hkv, kernel_options=TRITON)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        plan = cached_plan(q, k, v, halve, None, None, validate_kernel_options(TRITON))
+        bsource = BackwardPlan(plan, halve, (), plan.opts).source
+        specialized[name] = plan.specialized
+        for source in (plan.source, bsource):
+            assert ("Q_LEN: tl.constexpr" in source) == plan.specialized
+            assert ("stride_qm: tl.constexpr" in source) == plan.specialized
+        ref, _, _ = math_attention(q.detach().double(), k.detach().double(), v.detach().double(), halve, None)
+        low, _, _ = math_attention(q.detach(), k.detach(), v.detach(), halve, None)
+        assert_close_to_reference(out.detach(), ref, low, torch.float32, name)
+        assert_grads_close(q, k, v, grads, g, halve, None, torch.float32)
+    assert specialized == {"first": True, "second": False, "first_again": True}
+
+
+@pytest.mark.parametrize("flag", [False, True], ids=["off", "on"])
+def test_specialize_layout_option(flag, monkeypatch):
+    from inductor_flex import kernel as K
+    from inductor_flex.kernel import cached_plan
+    from inductor_flex.validation import validate_kernel_options
+
+    monkeypatch.setattr(K, "SPECIALIZE_MIN_LEN", 16)
+    monkeypatch.setattr(K, "SPECIALIZE_MIN_WORK", 0)
+
+    def third(score, b, h, q_idx, kv_idx):
+        return score / 3.0
+
+    opts = {**TRITON, "SPECIALIZE_LAYOUT": flag}
+    for L in (33, 40):  # the first layout and another one: the option decides both
+        q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu")
+        out = flex_attention(q, k, v, score_mod=third, kernel_options=opts)
+        assert cached_plan(q, k, v, third, None, None, validate_kernel_options(opts)).specialized is flag
+        ref, _, _ = math_attention(q.double(), k.double(), v.double(), third, None)
+        low, _, _ = math_attention(q, k, v, third, None)
+        assert_close_to_reference(out, ref, low, torch.float32)
+
+
+def test_short_sequences_keep_the_generic_kernels():
+    from inductor_flex.kernel import SPECIALIZE_MIN_LEN, cached_plan
+    from inductor_flex.validation import validate_kernel_options
+
+    opts = validate_kernel_options({**TRITON, "SPECIALIZE_LAYOUT": True})
+    q, k, v = make_inputs((1, 1, 1, SPECIALIZE_MIN_LEN - 1, SPECIALIZE_MIN_LEN, 16, 16), torch.float32, "cpu")
+    plan = cached_plan(q, k, v, None, None, None, opts)
+    assert not plan.specialized and "Q_LEN: tl.constexpr" not in plan.source
+
+
+@pytest.mark.parametrize("min_work,want", [(None, False), (0, True)], ids=["little_work", "enough_work"])
+def test_default_specializes_only_calls_with_enough_work(monkeypatch, min_work, want):
+    # by default the first layout is specialized only when the call visits SPECIALIZE_MIN_WORK pairs:
+    # 2 x 600 x 600 causal pairs (whole 128-blocks) are far below the default floor
+    from inductor_flex import create_block_mask
+    from inductor_flex import kernel as K
+    from inductor_flex.validation import validate_kernel_options
+    from inductor_flex.variants import generate_causal_mask
+
+    default_floor = K.SPECIALIZE_MIN_WORK
+    if min_work is not None:
+        monkeypatch.setattr(K, "SPECIALIZE_MIN_WORK", min_work)
+
+    def quarter(score, b, h, q_idx, kv_idx):  # its own mods: a fresh first layout
+        return score * 0.25
+
+    bm = create_block_mask(generate_causal_mask(), None, None, 600, 600, device="cpu")
+    q = torch.empty(1, 2, 600, 16)
+    blocks = int(bm.kv_num_blocks.sum()) + int(bm.full_kv_num_blocks.sum())
+    assert K._visited_pairs(bm, 1, 2) == 2 * blocks * 128 * 128 < default_floor
+    plan = K.cached_plan(q, q, q, quarter, bm, None, validate_kernel_options(TRITON))
+    assert plan.specialized is want
