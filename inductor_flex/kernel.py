@@ -268,11 +268,15 @@ SPECIALIZE_MIN_WORK = 1 << 29
 
 
 def _visited_pairs(block_mask: BlockMask, B: int, Hq: int) -> int:
-    """(query, key) pairs the kernels walk: the mask's partial and full blocks x block area."""
+    """(query, key) pairs the kernels walk: the mask's partial and full blocks x block area. The
+    block count is read from the device once per BlockMask object (one sync) and kept on it."""
     q_bs, kv_bs = block_mask.BLOCK_SIZE
-    blocks = int(block_mask.kv_num_blocks.sum())
-    if block_mask.full_kv_num_blocks is not None:
-        blocks += int(block_mask.full_kv_num_blocks.sum())
+    blocks = block_mask.__dict__.get("_visited_blocks")
+    if blocks is None:
+        blocks = int(block_mask.kv_num_blocks.sum())
+        if block_mask.full_kv_num_blocks is not None:
+            blocks += int(block_mask.full_kv_num_blocks.sum())
+        block_mask.__dict__["_visited_blocks"] = blocks
     Bm, Hm = block_mask.kv_num_blocks.shape[:2]
     return blocks * q_bs * kv_bs * (B // Bm) * (Hq // Hm)
 
@@ -290,7 +294,9 @@ def _specialize_layout(score: PrintedMod, mask: PrintedMod, query, key, value, b
         return False
     if flag:
         return True
-    if _visited_pairs(block_mask, query.shape[0], query.shape[1]) < SPECIALIZE_MIN_WORK:
+    B, Hq, Lq, Lkv = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+    dense = block_mask.mask_mod is noop_mask  # every block (the no-BlockMask default): no count to read
+    if (B * Hq * Lq * Lkv if dense else _visited_pairs(block_mask, B, Hq)) < SPECIALIZE_MIN_WORK:
         return False
     family = (id(score), id(mask), query.dtype, query.device, query.shape[-1], value.shape[-1])
     layout = (query.shape, key.shape, value.shape, query.stride(), key.stride(), value.stride(),

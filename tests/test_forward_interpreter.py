@@ -333,3 +333,15 @@ def test_default_specializes_only_calls_with_enough_work(monkeypatch, min_work, 
     assert K._visited_pairs(bm, 1, 2) == 2 * blocks * 128 * 128 < default_floor
     plan = K.cached_plan(q, q, q, quarter, bm, None, validate_kernel_options(TRITON))
     assert plan.specialized is want
+
+
+def test_visited_block_count_is_read_once_per_block_mask():
+    # the count costs a device sync on the GPU: plans for other batch sizes reuse the first read
+    from inductor_flex import create_block_mask
+    from inductor_flex import kernel as K
+    from inductor_flex.variants import generate_causal_mask
+
+    bm = create_block_mask(generate_causal_mask(), None, None, 600, 600, device="cpu")
+    pairs = K._visited_pairs(bm, 1, 2)
+    bm.full_kv_num_blocks = torch.zeros_like(bm.full_kv_num_blocks)  # a second read would count less
+    assert K._visited_pairs(bm, 3, 2) == 3 * pairs
