@@ -290,11 +290,11 @@ def _specialize_layout(score: PrintedMod, mask: PrintedMod, query, key, value, b
     f+b 387 -> 405; strides alone gained nothing. Other layouts of the same mods take the generic
     kernels, so a workload of many lengths compiles two kernels, not one per length."""
     flag = opts.get("SPECIALIZE_LAYOUT")
-    if flag is False or min(query.shape[2], key.shape[2]) < SPECIALIZE_MIN_LEN:
+    B, Hq, Lq, Lkv = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+    if flag is False or min(Lq, Lkv) < SPECIALIZE_MIN_LEN:
         return False
     if flag:
         return True
-    B, Hq, Lq, Lkv = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
     dense = block_mask.mask_mod is noop_mask  # every block (the no-BlockMask default): no count to read
     if (B * Hq * Lq * Lkv if dense else _visited_pairs(block_mask, B, Hq)) < SPECIALIZE_MIN_WORK:
         return False
@@ -319,6 +319,10 @@ def _default_block_mask(Lq: int, Lkv: int, device: torch.device) -> BlockMask:
 
 class ForwardPlan:
     """Everything one forward launch needs, derived from the call's arguments."""
+
+    # generic kernels unless __init__ decides otherwise; the shells lowering/kernel_op.py builds
+    # keep this (one traced graph serves every length under dynamic shapes)
+    specialized = False
 
     def __init__(self, query, key, value, score_mod, block_mask, scale, opts):
         self.device = query.device

@@ -86,7 +86,7 @@ def _plan_shell(query, key, value, bm_tensors, score_tensors, mask_tensors, sour
     plan.score = PrintedMod("score_mod", "", list(score_tensors))
     plan.mask = PrintedMod("mask_mod", "", list(mask_tensors))
     plan.has_score_mod = has_score_mod
-    plan.source, plan.specialized = source, False
+    plan.source = source
     plan.scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
     # what an eager plan also carries (the DETERMINISTIC captured-gradient path reads score_mod; the
     # ops never take that path); user_block_mask None means "no BlockMask" to the launcher
@@ -238,8 +238,7 @@ def try_kernel_forward(query, key, value, score_mod, block_mask, scale, kernel_o
             return None
         sm, s_order, _, mm, m_order = mods
         shell = ForwardPlan.__new__(ForwardPlan)
-        # generic kernels: one traced graph serves every length under dynamic shapes
-        shell.score, shell.mask, shell.specialized = sm, mm, False
+        shell.score, shell.mask = sm, mm
         source = ForwardPlan._render_uncached(shell)
     pinned = [int(opts[k]) for k in _CONFIG_KEYS] if all(k in opts for k in _CONFIG_KEYS) else []
     if any(k in opts for k in _CONFIG_KEYS) and not pinned:
@@ -279,7 +278,6 @@ def try_kernel_backward(query, key, value, out, lse, grad_out, grad_lse, fw_grap
         grad_caps = tuple(floating[i] for i in s_order) if has_score_mod else ()
         fwd = ForwardPlan.__new__(ForwardPlan)
         fwd.score, fwd.mask, fwd.has_score_mod, fwd.fast_tanh, fwd.device = sm, mm, has_score_mod, fast_tanh, device
-        fwd.specialized = False
         forward_source = ForwardPlan._render_uncached(fwd)
         bplan = BackwardPlan.__new__(BackwardPlan)
         bplan.fwd, bplan.grad_caps = fwd, grad_caps
