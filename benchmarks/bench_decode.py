@@ -21,12 +21,14 @@ Every failure is recorded as "error: ..." and the run goes on; results are rewri
 from __future__ import annotations
 
 import argparse
+import itertools
 import datetime as _dt
 import json
 import os
 import sys
 import time
 import traceback
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +44,19 @@ PEERS = ("ours_eager", "ours_graph", "ours_compiled", "ours_compiled_graph", "ou
 HOST_TIMED = ("ours_eager", "ours_compiled", "ours_paged_eager")
 
 
-# --no-l2-flush: time back-to-back calls instead of do_bench's, which zeroes a 256 MB buffer before
-# every call (L2 then holds dirty lines that the timed call's reads must write back first)
-FLUSH_L2 = [True]
+# How a timed call meets the L2 cache (--l2):
+#   rotate  (default) calls cycle through copies of the inputs that together exceed twice the L2, so
+#           each reads its K/V from HBM, and nothing is written between calls
+#   flush   do_bench's: a 256 MB buffer is zeroed before every call (L2 then holds dirty lines that
+#           the timed call's reads must first write back: a few microseconds of a 0.1 ms call)
+#   warm    back-to-back calls on one input set (its tail may still be in L2)
+L2_MODE = ["rotate"]
 
 
 def bench_ms(fn) -> float:
     import triton.testing
 
-    if FLUSH_L2[0]:
+    if L2_MODE[0] == "flush":
         return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
     for _ in range(10):
         fn()
@@ -65,6 +71,21 @@ def bench_ms(fn) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 20)
     return sorted(times)[len(times) // 2]
+
+
+def cycling(calls):
+    """One callable that runs calls[0], calls[1], ... in turn."""
+    if len(calls) == 1:
+        return calls[0]
+    it = itertools.cycle(calls)
+    return lambda: next(it)()
+
+
+def input_copies(nbytes: int) -> int:
+    if L2_MODE[0] != "rotate":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(2, -(-2 * l2 // nbytes) + 1)
 
 
 def graph_of(fn):
@@ -90,75 +111,80 @@ def host_us(fn, n=50) -> float:
 
 def run_shape(S, B, Hq, Hkv, Dh, page_size, torch_flex_ok):
     dev, dt = "cuda", torch.bfloat16
-    q = torch.randn(B, Hq, 1, Dh, dtype=dt, device=dev)
-    k = torch.randn(B, Hkv, S, Dh, dtype=dt, device=dev)
-    v = torch.randn(B, Hkv, S, Dh, dtype=dt, device=dev)
     nbytes = 2 * B * Hkv * S * Dh * 2
     res = {"S": S, "bytes": nbytes}
-    fns = {}
 
-    def ours():
-        return flex_attention(q, k, v, enable_gqa=True)
-
-    fns["ours_eager"] = ours
-    fns["ours_graph"] = lambda: graph_of(ours)
-
-    def ours_compiled():
-        compiled = torch.compile(flex_attention, fullgraph=True)
-        return lambda: compiled(q, k, v, enable_gqa=True)
-
-    fns["ours_compiled"] = ours_compiled
-    fns["ours_compiled_graph"] = lambda: graph_of(ours_compiled())
-
-    # paged pool with shuffled pages: the same K/V, scattered
+    # paged pool with shuffled pages, one page table for every input copy: the same K/V, scattered
     n_pages = B * (S // page_size)
     cache = PagedKVCache(n_pages, page_size, B, device=dev)
     g = torch.Generator().manual_seed(0)
     cache.free_pages = [cache.free_pages[i] for i in torch.randperm(n_pages, generator=g).tolist()]
     for b in range(B):
         cache.reserve(b, S)
-    k_pool = torch.empty(1, Hkv, cache.capacity, Dh, dtype=dt, device=dev)
-    v_pool = torch.empty_like(k_pool)
     idx = torch.arange(B, device=dev)
-    cache.assign(idx, torch.arange(S, device=dev)[None].expand(B, S), k, v, k_pool, v_pool)
     logical = create_block_mask(None, None, None, 1, S, device=dev, BLOCK_SIZE=128)
     phys = cache.convert_logical_block_mask(logical, idx)
-    kp, vp = k_pool.expand(B, -1, -1, -1), v_pool.expand(B, -1, -1, -1)
 
-    def paged():
-        return flex_attention(q, kp, vp, block_mask=phys, enable_gqa=True)
+    sets = []
+    for _ in range(input_copies(nbytes)):
+        s = SimpleNamespace(q=torch.randn(B, Hq, 1, Dh, dtype=dt, device=dev),
+                            k=torch.randn(B, Hkv, S, Dh, dtype=dt, device=dev),
+                            v=torch.randn(B, Hkv, S, Dh, dtype=dt, device=dev))
+        k_pool = torch.empty(1, Hkv, cache.capacity, Dh, dtype=dt, device=dev)
+        v_pool = torch.empty_like(k_pool)
+        cache.assign(idx, torch.arange(S, device=dev)[None].expand(B, S), s.k, s.v, k_pool, v_pool)
+        s.kp, s.vp = k_pool.expand(B, -1, -1, -1), v_pool.expand(B, -1, -1, -1)
+        sets.append(s)
+    res["input_copies"] = len(sets)
 
-    fns["ours_paged_eager"] = paged
-    fns["ours_paged_graph"] = lambda: graph_of(paged)
+    def ours(s):
+        return lambda: flex_attention(s.q, s.k, s.v, enable_gqa=True)
 
+    def paged(s):
+        return lambda: flex_attention(s.q, s.kp, s.vp, block_mask=phys, enable_gqa=True)
+
+    def compiled_peer(fn):
+        compiled = torch.compile(fn, fullgraph=True)
+        return lambda s: (lambda: compiled(s.q, s.k, s.v, enable_gqa=True))
+
+    # peer -> () -> (input copy -> call); compiled peers compile once for all copies
+    makers = {
+        "ours_eager": lambda: ours,
+        "ours_graph": lambda: (lambda s: graph_of(ours(s))),
+        "ours_compiled": lambda: compiled_peer(flex_attention),
+        "ours_paged_eager": lambda: paged,
+        "ours_paged_graph": lambda: (lambda s: graph_of(paged(s))),
+        "sdpa": lambda: (lambda s: (lambda: F.scaled_dot_product_attention(s.q, s.k, s.v, enable_gqa=True))),
+    }
+
+    def compiled_graph():
+        make = compiled_peer(flex_attention)
+        return lambda s: graph_of(make(s))
+
+    makers["ours_compiled_graph"] = compiled_graph
     if torch_flex_ok:
-        def torch_flex_fn():
+        def torch_flex_maker():
             from torch.nn.attention.flex_attention import flex_attention as tfa
 
-            compiled = torch.compile(tfa)
-            return lambda: compiled(q, k, v, enable_gqa=True)
-        fns["torch_flex"] = lambda: torch_flex_fn()
-    fns["sdpa"] = lambda: (lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            return compiled_peer(tfa)
+        makers["torch_flex"] = torch_flex_maker
 
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    s0 = sets[0]
+    ref = F.scaled_dot_product_attention(s0.q.float(), s0.k.float(), s0.v.float(), enable_gqa=True)
     for peer in PEERS:
-        if peer not in fns:
+        if peer not in makers:
             res[peer] = "skipped"
             continue
         try:
-            fn = fns[peer]
-            if peer in ("ours_eager", "ours_paged_eager"):
-                call = fn
-            else:
-                call = fn()
-            out = call()
-            if peer.endswith("graph"):
-                out = None
+            make = makers[peer]()
+            calls = [make(s) for s in sets]
+            out = None if peer.endswith("graph") else calls[0]()
             torch.cuda.synchronize()
             if out is not None:
                 err = (out.float() - ref).abs().max().item()
                 if err > 2e-2:
                     raise AssertionError(f"max error {err:.3e} vs fp32 SDPA")
+            call = cycling(calls)
             ms = bench_ms(call)
             entry = {"ms": ms, "TB/s": nbytes / (ms * 1e-3) / 1e12}
             if peer in HOST_TIMED:
@@ -178,8 +204,10 @@ def to_markdown(meta, rows) -> str:
     lines = [f"# Decode benchmark ({meta['device']}, torch {meta['torch']}, triton {meta['triton']})", "",
              f"B={meta['B']}, Hq={meta['Hq']}, Hkv={meta['Hkv']}, D={meta['D']}, Lq=1, bf16; "
              "K+V TB/s (ms); eager rows also give the host time per call; "
-             + ("L2 cleared before every call (do_bench)." if meta.get("l2_flush", True)
-                else "back-to-back calls, no L2 clearing (--no-l2-flush)."), "",
+             + {"flush": "L2 cleared before every call (do_bench).",
+                "warm": "back-to-back calls on one input set, no L2 clearing (--l2 warm).",
+                "rotate": "back-to-back calls cycling through input copies that exceed twice the L2 "
+                          "(--l2 rotate): every call reads K/V from HBM."}[meta.get("l2", "flush")], "",
              "| S_kv | " + " | ".join(PEERS) + " |", "|---|" + "---|" * len(PEERS)]
     for r in rows:
         cells = []
@@ -204,17 +232,19 @@ def sweep(S, B, Hq, Hkv, Dh, splits):
     from inductor_flex.lowering.decode_configs import decode_configs
 
     dev, dt = "cuda", torch.bfloat16
-    q = torch.randn(B, Hq, 1, Dh, dtype=dt, device=dev)
-    k = torch.randn(B, Hkv, S, Dh, dtype=dt, device=dev)
-    v = torch.randn(B, Hkv, S, Dh, dtype=dt, device=dev)
     nbytes = 2 * B * Hkv * S * Dh * 2
+    sets = [(torch.randn(B, Hq, 1, Dh, dtype=dt, device=dev), torch.randn(B, Hkv, S, Dh, dtype=dt, device=dev),
+             torch.randn(B, Hkv, S, Dh, dtype=dt, device=dev)) for _ in range(input_copies(nbytes))]
+    q = sets[0][0]
     rows = []
     for cfg in decode_configs(Dh, Dh, dt, 128, q.device):
         for split in splits:
             opts = {"BACKEND": "TRITON_DECODE", "BLOCK_N": cfg.BLOCK_N, "num_warps": cfg.num_warps,
                     "num_stages": cfg.num_stages, "SPLIT_KV": split}
             try:
-                ms = bench_ms(graph_of(lambda: flex_attention(q, k, v, enable_gqa=True, kernel_options=opts)))
+                ms = bench_ms(cycling([graph_of(lambda q=q, k=k, v=v: flex_attention(q, k, v, enable_gqa=True,
+                                                                                    kernel_options=opts))
+                                       for q, k, v in sets]))
                 rows.append({"S": S, "config": str(cfg), "split": split, "ms": ms, "TB/s": nbytes / (ms * 1e-3) / 1e12})
             except Exception as e:  # noqa: BLE001
                 rows.append({"S": S, "config": str(cfg), "split": split, "error": f"{type(e).__name__}: {e}"[:200]})
@@ -235,9 +265,10 @@ def main():
     ap.add_argument("--max-seconds", type=float, default=240, help="skip torch_flex compiles past this")
     ap.add_argument("--sweep", default="", help="comma-separated split counts: time every tile config x split "
                     "(CUDA graph) instead of the peers, e.g. --sweep 2,4,5,8,16,32")
-    ap.add_argument("--no-l2-flush", action="store_true", help="time back-to-back calls (no L2 clearing between)")
+    ap.add_argument("--l2", choices=("rotate", "flush", "warm"), default="rotate",
+                    help="how timed calls meet the L2 (see L2_MODE); results before 2026-11-26 used flush")
     args = ap.parse_args()
-    FLUSH_L2[0] = not args.no_l2_flush
+    L2_MODE[0] = args.l2
     if not torch.cuda.is_available():
         sys.exit("bench_decode.py needs a CUDA GPU")
     import triton
@@ -250,7 +281,7 @@ def main():
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "B": args.batch, "Hq": args.hq, "Hkv": args.hkv, "D": args.dim, "page_size": args.page_size,
-            "l2_flush": FLUSH_L2[0]}
+            "l2": L2_MODE[0]}
     if args.sweep:
         splits = [int(x) for x in args.sweep.split(",")]
         rows = [r for S in args.seqs.split(",") for r in sweep(int(S), args.batch, args.hq, args.hkv, args.dim, splits)]

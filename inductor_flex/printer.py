@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .joint_graph import derivative_is_bounded, fold_constant_factors
 from .mods import FlexModError, TensorIndexMode, explain_mod_error, mod_name
 
 aten = torch.ops.aten
@@ -459,9 +460,10 @@ class _Printer:
         body = "\n".join("    " + l for l in self.lines + [f"return {code}"])
         return body
 
-    def run_joint(self, grad_ptrs: Dict[int, str]) -> Tuple[str, List[str]]:
+    def run_joint(self, grad_ptrs: Dict[int, str], guard: bool = True) -> Tuple[str, List[str]]:
         """Print a joint graph (score, b, h, q_idx, kv_idx, grad, *captured) -> (d score, *d captured).
-        Returns the body computing d score and the atomic-add lines for the captured gradients."""
+        Returns the body computing d score and the atomic-add lines for the captured gradients.
+        ``guard``: d score is 0 wherever grad is, even where the derivative is not finite."""
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         names = ("score", "b", "h", "q_idx", "kv_idx", "grad")
         axes_of = {"score": ("m", "n"), "b": (), "h": (), "q_idx": ("m",), "kv_idx": ("n",), "grad": ("m", "n")}
@@ -499,7 +501,8 @@ class _Printer:
             if not isinstance(gv, _GradBuf):
                 gv = self.val(g)
             atomics += self.atomics(i, gv, grad_ptrs[i])
-        code = f"tl.where(grad != 0.0, {code}, 0.0)"
+        if guard:
+            code = f"tl.where(grad != 0.0, {code}, 0.0)"
         return "\n".join("    " + l for l in self.lines) + f"\n    d_score = {code}", atomics
 
     def call(self, node: torch.fx.Node):
@@ -812,11 +815,12 @@ def print_score_mod_backward(fn: Callable, fwd: PrintedMod, device, grad_caps: T
         raise FlexModError(f"score_mod '{mod_name(fn)}': its gradient could not be traced ({e})") from e
     jg.graph.eliminate_dead_code()
     jg.recompile()
+    jg = fold_constant_factors(jg)
     p = _Printer(jg, "score_mod", fn, "SM_CAP", fast_tanh)
     for c in caps:
         p.captured(c)
     ptrs = {i: f"SM_GRAD{i}" for i, need in enumerate(grad_caps) if need}
-    body, atomics = p.run_joint(ptrs)
+    body, atomics = p.run_joint(ptrs, guard=not derivative_is_bounded(jg))
     params = ", ".join(["score", "b", "h", "q_idx", "kv_idx", "grad"] + p.params + list(ptrs.values())
                        + ["ACCUMULATE_CAPS: tl.constexpr"])
     acc = ""

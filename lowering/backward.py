@@ -23,6 +23,7 @@ import torch
 from inductor_flex import compat
 from inductor_flex.validation import use_fast_tanh
 from inductor_flex.hop import SCORE_BUF_GRADS
+from inductor_flex.joint_graph import derivative_is_bounded, fold_constant_factors
 from inductor_flex.templates import render
 
 from . import template as fwd
@@ -95,7 +96,7 @@ _NO_JOINT = ("@triton.jit\n"
 
 
 def _template(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: float, has_score_mod: bool,
-              score_loads: bool, mask_loads: bool):
+              score_loads: bool, mask_loads: bool, guard: bool = True):
     from inductor_flex.printer import HELPERS
 
     transposed = kernel == "dkdv"
@@ -109,7 +110,8 @@ def _template(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: floa
         kernel_def=_kernel_def(kernel, dense, bm_strides, scale, qk_scale),
         score_mod_source=fwd._mod_helper("score_mod", 0, True, score_loads, transposed),
         mask_mod_source=fwd._mod_helper("mask_mod", 1, False, mask_loads, transposed),
-        score_mod_bwd_source=(fwd._mod_helper("score_mod_bwd", 2, True, score_loads, transposed, with_grad=True)
+        score_mod_bwd_source=(fwd._mod_helper("score_mod_bwd", 2, True, score_loads, transposed, with_grad=True,
+                                                guard=guard)
                               if has_score_mod else _NO_JOINT),
         mod_params=argdefs,
         mod_args=argdefs,
@@ -188,9 +190,12 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
     score_ph = fwd._placeholder("score", torch.float32, device)
     subgraphs = [fwd._subgraph_buffer(score_gm, [score_ph, *idx, *score_bufs]),
                  fwd._subgraph_buffer(block_mask[12].graph_module, [*idx, *mask_bufs])]
+    guard = True
     if has_score_mod:
         grad_ph = fwd._placeholder("grad_score", torch.float32, device)
-        subgraphs.append(fwd._subgraph_buffer(fwd._exp_tanh(_score_grad_only(joint_graph.graph_module), fast_tanh),
+        joint_gm = fold_constant_factors(_score_grad_only(joint_graph.graph_module))
+        guard = not derivative_is_bounded(joint_gm)
+        subgraphs.append(fwd._subgraph_buffer(fwd._exp_tanh(joint_gm, fast_tanh),
                                               [score_ph, *idx, grad_ph, *score_bufs]))
 
     dense = block_mask[2] is None
@@ -218,7 +223,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
     dv = empty_strided(list(value.get_size()), None, dtype=dtype, device=device)
     inputs = [query, key, value, grad_out, lse, delta, dv] + q_side
     tmpl = _template("dkdv", dense, fwd._bm_strides(q_side[:2], dense, ("Q_NUM", "Q_IDX")), scale, qk_scale,
-                     has_score_mod, *loads)
+                     has_score_mod, *loads, guard)
     layout = ir.FixedLayout(device, dtype, [B, Hkv, Lkv, E], ir.FlexibleLayout.contiguous_strides([B, Hkv, Lkv, E]))
     gen = {} if dense else (fwd._recorded_block_mask(recorded[4:8], q_side, offset=7)
                             or fwd._stand_in_block_mask(has_full, nq, nk, side="q", offset=7))
@@ -238,7 +243,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
 
     # dQ, one program per query tile of a query head
     inputs = [query, key, value, grad_out, lse, delta] + kv_side
-    tmpl = _template("dq", dense, fwd._bm_strides(kv_side[:2], dense), scale, qk_scale, has_score_mod, *loads)
+    tmpl = _template("dq", dense, fwd._bm_strides(kv_side[:2], dense), scale, qk_scale, has_score_mod, *loads, guard)
     layout = ir.FixedLayout(device, dtype, [B, Hq, Lq, E], ir.FlexibleLayout.contiguous_strides([B, Hq, Lq, E]))
     gen = {} if dense else (fwd._recorded_block_mask(recorded[:4], kv_side, offset=6)
                             or fwd._stand_in_block_mask(has_full, nq, nk, side="kv", offset=6))

@@ -62,10 +62,11 @@ def takes(query, key, value, score_mod, block_mask, kernel_options, score_bufs, 
 
 # ---- stage one: our hooks, filled with Inductor's template calls --------------------------------
 def _mod_helper(name: str, number: int, with_score: bool, loads: bool, transposed: bool = False,
-                with_grad: bool = False) -> str:
+                with_grad: bool = False, guard: bool = True) -> str:
     """A @triton.jit helper whose body is subgraph ``number`` lowered by Inductor. ``transposed``:
     score tiles are (kv, q), as in the dK/dV kernel; ``with_grad``: the score_mod's joint graph,
-    which also takes the gradient of the score_mod's output."""
+    which also takes the gradient of the score_mod's output, zeroed where that is 0 unless
+    ``guard`` is off (a derivative finite everywhere, joint_graph.derivative_is_bounded)."""
     params = "score, b, h, q_idx, kv_idx" if with_score else "b, h, q_idx, kv_idx"
     fixed = 'score="score", ' if with_score else ""
     if with_grad:
@@ -93,7 +94,7 @@ def _mod_helper(name: str, number: int, with_score: bool, loads: bool, transpose
         f"{shapes}) | indent_except_first(1)}}}}\n"
         + ("    # linear in grad_score: 0 where it is 0 (masked, padded), even where the derivative is\n"
            "    # inf (sqrt at 0) and 0 * inf would give NaN\n"
-           "    return tl.where(grad_score != 0.0, mod_out, 0.0)\n" if with_grad else "    return mod_out\n")
+           "    return tl.where(grad_score != 0.0, mod_out, 0.0)\n" if with_grad and guard else "    return mod_out\n")
     )
 
 
