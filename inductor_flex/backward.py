@@ -15,7 +15,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .kernel import _block_mask_args, load_module, template_hooks, triton_cdiv
+from .kernel import _block_mask_args, fastest_config, load_module, template_hooks, triton_cdiv
 from .printer import PrintedMod, print_score_mod_backward
 from .reference import math_attention
 
@@ -260,19 +260,7 @@ def _tune(bplan: BackwardPlan, kind: str, candidates: List[Config], launch, quer
     cfg = _autotuned.get(tune_key)
     if cfg is not None:
         return cfg
-    import triton.testing
-
-    best, best_ms = None, float("inf")
-    for c in candidates:
-        try:
-            ms = triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20)
-        except Exception as e:  # noqa: BLE001 - a config that fails to compile is just not chosen
-            log.info("inductor_flex: backward %s config %s failed: %s", kind, c, e)
-            continue
-        if ms < best_ms:
-            best, best_ms = c, ms
-    if best is None:
-        raise RuntimeError(f"inductor_flex: no backward {kind} config could run; tried {candidates}")
+    best, best_ms = fastest_config(candidates, launch, f"backward {kind}")
     log.info("inductor_flex: backward %s picked %s (%.3f ms)", kind, best, best_ms)
     _autotuned[tune_key] = best
     return best

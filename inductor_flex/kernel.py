@@ -562,6 +562,35 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def fastest_config(candidates: List[Config], launch, kind: str) -> Tuple[Config, float]:
+    """(config, ms) of the fastest candidate that runs. Each is timed (median of do_bench), then the
+    best two again, alternately, three times, so that a GPU clock drifting while the candidates run
+    one after another (a hot GPU slows down) does not pick the winner. (One H100 profile had the
+    eager dQ tuner pick (128, 128, 8, 2), 1.37 ms in the step, where Inductor's picked (64, 64, 4, 2),
+    1.28 ms: noop S=4096, h100_2026-11-26_profile_4096_noop_alibi_sliding_doc1024.txt.)"""
+    import statistics
+
+    import triton.testing
+
+    times = {}
+    for c in candidates:
+        try:
+            times[c] = triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is just not chosen
+            log.info("inductor_flex: %s config %s failed: %s", kind, c, e)
+    if not times:
+        raise RuntimeError(f"inductor_flex: no {kind} config could run; tried {candidates}")
+    top = sorted(times, key=times.get)[:2]
+    if len(top) == 2:
+        again = {c: [] for c in top}
+        for _ in range(3):
+            for c in top:
+                again[c].append(triton.testing.do_bench(lambda: launch(c), warmup=1, rep=10, return_mode="median"))
+        times.update({c: statistics.median(v) for c, v in again.items()})
+    best = min(top, key=times.get)
+    return best, times[best]
+
+
 def _pick_config(plan: ForwardPlan, launch, query, key, value) -> Config:
     B, Hq, Lq, E = query.shape
     if plan.interpret or len(plan.candidates) == 1 or not autotune_pays(B, Hq, Lq, key.shape[2]):
@@ -571,20 +600,8 @@ def _pick_config(plan: ForwardPlan, launch, query, key, value) -> Config:
     cfg = _autotuned.get(tune_key)
     if cfg is not None:
         return cfg
-    import triton.testing
-
     log.info("inductor_flex: autotuning %d forward configs for %s", len(plan.candidates), tune_key[1:])
-    best, best_ms = None, float("inf")
-    for c in plan.candidates:
-        try:
-            ms = triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20)
-        except Exception as e:  # noqa: BLE001 - a config that fails to compile is just not chosen
-            log.info("inductor_flex: config %s failed: %s", c, e)
-            continue
-        if ms < best_ms:
-            best, best_ms = c, ms
-    if best is None:
-        raise RuntimeError(f"inductor_flex: no forward config could run; tried {plan.candidates}")
+    best, best_ms = fastest_config(plan.candidates, launch, "forward")
     log.info("inductor_flex: picked %s (%.3f ms)", best, best_ms)
     _autotuned[tune_key] = best
     return best
