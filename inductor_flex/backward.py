@@ -78,6 +78,7 @@ class BackwardPlan:
             grad_args="".join(p + ", " for p in grads),
             score_bwd_args="".join(p + ", " for p in sm.params + grads),
             specialize_layout=self.fwd.specialized,
+            linear_grad=bool(self.bwd and self.bwd.linear_grad),
         )
 
 

@@ -114,6 +114,8 @@ class PrintedMod:
     tensors: List[torch.Tensor] = field(default_factory=list)  # captured tensors, in argument order
     params: List[str] = field(default_factory=list)  # their kernel parameters (pointer, sizes, strides)
     uses_fast_tanh: bool = False
+    # score_mod_bwd only: d score = grad * (a factor finite wherever the score is); see joint_graph.py
+    linear_grad: bool = False
 
     def args_for(self, tensors: List[torch.Tensor]) -> list:
         out: list = []
@@ -820,7 +822,8 @@ def print_score_mod_backward(fn: Callable, fwd: PrintedMod, device, grad_caps: T
     for c in caps:
         p.captured(c)
     ptrs = {i: f"SM_GRAD{i}" for i, need in enumerate(grad_caps) if need}
-    body, atomics = p.run_joint(ptrs, guard=not derivative_is_bounded(jg))
+    bounded = derivative_is_bounded(jg)
+    body, atomics = p.run_joint(ptrs, guard=not bounded)
     params = ", ".join(["score", "b", "h", "q_idx", "kv_idx", "grad"] + p.params + list(ptrs.values())
                        + ["ACCUMULATE_CAPS: tl.constexpr"])
     acc = ""
@@ -830,7 +833,7 @@ def print_score_mod_backward(fn: Callable, fwd: PrintedMod, device, grad_caps: T
               f"{body}{acc}\n    return d_score\n")
     if len(p.tensors) != len(caps):
         raise p.fail("a captured tensor that only its gradient reads")
-    return PrintedMod("score_mod_bwd", source, caps, p.params + list(ptrs.values()), p.used_fast_tanh)
+    return PrintedMod("score_mod_bwd", source, caps, p.params + list(ptrs.values()), p.used_fast_tanh, bounded)
 
 
 _IDENTITY: Dict[str, PrintedMod] = {}

@@ -121,6 +121,7 @@ def _template(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: floa
         mask_mod_args="{{gen_argdefs()}}",
         score_bwd_args=argdefs if has_score_mod else "",
         store_output=_store(transposed),
+        linear_grad=has_score_mod and not guard,
     )
     return fwd.triton_template(f"inductor_flex_bwd_{kernel}", source, _GRIDS[kernel])
 

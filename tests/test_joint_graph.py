@@ -76,3 +76,21 @@ def test_softcap_factors_cancel():
 ], ids=["alibi", "softcap", "relative_bias", "polynomial_where", "sqrt", "divide_by_value", "exp", "table_factor"])
 def test_derivative_bounded(mod, bounded):
     assert derivative_is_bounded(fold_constant_factors(joint_graph(mod))) is bounded
+
+
+@pytest.mark.parametrize("mod,linear", [
+    (V.generate_tanh_softcap(20.0), True),
+    (V.generate_alibi_bias(2), True),
+    (lambda s, b, h, q, kv: torch.sqrt(s.abs()), False),
+], ids=["softcap", "alibi", "sqrt"])
+def test_backward_kernels_take_a_bounded_derivative_into_p(mod, linear):
+    # a bounded derivative is grad * J(score): the rendered backward multiplies P by J before its dots
+    from inductor_flex.backward import BackwardPlan
+    from inductor_flex.kernel import cached_plan
+    from inductor_flex.validation import validate_kernel_options
+
+    q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
+    opts = validate_kernel_options({"BACKEND": "TRITON"})
+    plan = cached_plan(q, k, v, mod, None, None, opts)
+    source = BackwardPlan(plan, mod, (), opts).source
+    assert source.count(f"LINEAR_GRAD: tl.constexpr = {linear}") == 2
