@@ -26,6 +26,8 @@ log = logging.getLogger("inductor_flex")
 
 _NO_SCORE_MOD_BWD = (
     "@triton.jit\ndef score_mod_bwd(score, b, h, q_idx, kv_idx, grad, ACCUMULATE_CAPS: tl.constexpr):\n"
+    "    return grad\n\n\n"
+    "@triton.jit\ndef score_mod_bwd_scaled(qk, qk_scale, b, h, q_idx, kv_idx, grad, ACCUMULATE_CAPS: tl.constexpr):\n"
     "    return grad\n"
 )
 _rendered: Dict[tuple, tuple] = {}

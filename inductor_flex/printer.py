@@ -407,14 +407,9 @@ class _Printer:
                 raise self.fail(f"FX node kind {node.op}")
         return result
 
-    def run_scaled(self) -> str:
-        """Body of ``score_mod_scaled(qk, qk_scale, b, h, q_idx, kv_idx, ...)`` returning (s, c) with
-        score_mod(qk * qk_scale) == s * c: a leading ``score * k`` or ``score / k`` takes qk_scale
-        into its constant (one multiply instead of two), and a trailing ``x * c`` (c > 0) is left to
-        the caller, which folds c into its log2(e) factor (softcap: 2 of its 3 extra multiplies)."""
-        score_node = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
-        mn = frozenset("mn")
-        replace = {}
+    def _scaled_lead(self, score_node) -> Dict[torch.fx.Node, Value]:
+        """{the score's only use: score * k or score / k (k > 0): its value from qk, qk_scale} or {}.
+        The forward and the backward print it alike, so a kernel calling both computes it once."""
         users = list(score_node.users)
         lead = users[0] if len(users) == 1 else None
         if lead is not None and lead.op == "call_function" and lead.target in _SCALE_OPS:
@@ -423,7 +418,17 @@ class _Printer:
                 a0, a1 = a1, a0
             if a0 is score_node and _positive_literal(a1, nonzero_only=True):
                 op = "/" if lead.target in (aten.div.Tensor, aten.div.Scalar) else "*"
-                replace[lead] = self.emit(f"qk * (qk_scale {op} {float(a1)!r})", torch.float32, mn)
+                return {lead: self.emit(f"qk * (qk_scale {op} {float(a1)!r})", torch.float32, frozenset("mn"))}
+        return {}
+
+    def run_scaled(self) -> str:
+        """Body of ``score_mod_scaled(qk, qk_scale, b, h, q_idx, kv_idx, ...)`` returning (s, c) with
+        score_mod(qk * qk_scale) == s * c: a leading ``score * k`` or ``score / k`` takes qk_scale
+        into its constant (one multiply instead of two), and a trailing ``x * c`` (c > 0) is left to
+        the caller, which folds c into its log2(e) factor (softcap: 2 of its 3 extra multiplies)."""
+        score_node = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
+        mn = frozenset("mn")
+        replace = self._scaled_lead(score_node)
         self._bind(("score", "b", "h", "q_idx", "kv_idx"),
                    None if replace else self.emit("qk * qk_scale", torch.float32, mn))
         result = self._walk(replace)
@@ -462,10 +467,12 @@ class _Printer:
         body = "\n".join("    " + l for l in self.lines + [f"return {code}"])
         return body
 
-    def run_joint(self, grad_ptrs: Dict[int, str], guard: bool = True) -> Tuple[str, List[str]]:
+    def run_joint(self, grad_ptrs: Dict[int, str], guard: bool = True, scaled: bool = False
+                  ) -> Tuple[str, List[str]]:
         """Print a joint graph (score, b, h, q_idx, kv_idx, grad, *captured) -> (d score, *d captured).
         Returns the body computing d score and the atomic-add lines for the captured gradients.
-        ``guard``: d score is 0 wherever grad is, even where the derivative is not finite."""
+        ``guard``: d score is 0 wherever grad is, even where the derivative is not finite.
+        ``scaled``: the score arrives as (qk, qk_scale), as in score_mod_scaled (run_scaled)."""
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         names = ("score", "b", "h", "q_idx", "kv_idx", "grad")
         axes_of = {"score": ("m", "n"), "b": (), "h": (), "q_idx": ("m",), "kv_idx": ("n",), "grad": ("m", "n")}
@@ -475,11 +482,16 @@ class _Printer:
             self.env[n] = Value(name, dt, frozenset(axes_of[name]), fcode)
         for i, n in enumerate(placeholders[len(names):]):
             self.env[n] = self.captured(self.tensors[i])
+        replace = self._scaled_lead(placeholders[0]) if scaled else {}
+        if scaled and not replace:
+            self.env[placeholders[0]] = self.emit("qk * qk_scale", torch.float32, frozenset("mn"))
         outs = None
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 continue
-            if node.op == "get_attr":
+            if node in replace:
+                self.env[node] = replace[node]
+            elif node.op == "get_attr":
                 self.env[node] = _Constant(getattr(self.gm, node.target))
             elif node.op == "call_function":
                 self.env[node] = self.call(node)
@@ -791,6 +803,12 @@ class _WithCaptured(torch.fx.Interpreter):
         return t
 
 
+def _caps_block(atomics: List[str]) -> str:
+    if not atomics:
+        return ""
+    return "\n    if ACCUMULATE_CAPS:\n" + "\n".join("        " + l for l in atomics)
+
+
 def print_score_mod_backward(fn: Callable, fwd: PrintedMod, device, grad_caps: Tuple[bool, ...],
                              fast_tanh: bool = False) -> PrintedMod:
     """Print the joint graph of a score_mod: ``score_mod_bwd(score, b, h, q_idx, kv_idx, grad, ...)``
@@ -824,13 +842,21 @@ def print_score_mod_backward(fn: Callable, fwd: PrintedMod, device, grad_caps: T
     ptrs = {i: f"SM_GRAD{i}" for i, need in enumerate(grad_caps) if need}
     bounded = derivative_is_bounded(jg)
     body, atomics = p.run_joint(ptrs, guard=not bounded)
-    params = ", ".join(["score", "b", "h", "q_idx", "kv_idx", "grad"] + p.params + list(ptrs.values())
-                       + ["ACCUMULATE_CAPS: tl.constexpr"])
-    acc = ""
-    if atomics:
-        acc = "\n    if ACCUMULATE_CAPS:\n" + "\n".join("        " + l for l in atomics)
+    tail = p.params + list(ptrs.values()) + ["ACCUMULATE_CAPS: tl.constexpr"]
+    params = ", ".join(["score", "b", "h", "q_idx", "kv_idx", "grad"] + tail)
     source = (f"@triton.jit\ndef score_mod_bwd({params}):\n    # d/d score and d/d captured of {mod_name(fn)}\n"
-              f"{body}{acc}\n    return d_score\n")
+              f"{body}{_caps_block(atomics)}\n    return d_score\n")
+    # the eager backward kernels' call, from (qk, qk_scale) as the forward's score_mod_scaled: the
+    # same leading multiply, so the kernel computes it (and what follows, softcap's tanh) once
+    ps = _Printer(jg, "score_mod", fn, "SM_CAP", fast_tanh)
+    for c in caps:
+        ps.captured(c)
+    body_s, atomics_s = ps.run_joint(ptrs, guard=not bounded, scaled=True)
+    if ps.params != p.params:
+        args = ", ".join(["b", "h", "q_idx", "kv_idx", "grad"] + [t.split(":")[0] for t in tail])
+        body_s, atomics_s = f"    d_score = score_mod_bwd(qk * qk_scale, {args})", []
+    source += (f"\n\n@triton.jit\ndef score_mod_bwd_scaled({', '.join(['qk', 'qk_scale', 'b', 'h', 'q_idx', 'kv_idx', 'grad'] + tail)}):\n"
+               f"{body_s}{_caps_block(atomics_s)}\n    return d_score\n")
     if len(p.tensors) != len(caps):
         raise p.fail("a captured tensor that only its gradient reads")
     return PrintedMod("score_mod_bwd", source, caps, p.params + list(ptrs.values()), p.used_fast_tanh, bounded)
