@@ -142,3 +142,42 @@ def derivative_is_bounded(gm: torch.fx.GraphModule, inputs: int = 6) -> bool:
             return False
         stack.extend(x for x in n.all_input_nodes)
     return True
+
+
+def prescale(gm: torch.fx.GraphModule, scale: float, strip_factor: bool = False):
+    """(gm', c): gm' takes the raw q·k where ``gm`` (a score_mod or its joint graph) took the scaled
+    score, with the scale folded into the mod's own leading constant (softcap: one multiply by
+    scale / cap); with ``strip_factor``, a trailing positive literal factor is left out of gm' and
+    returned as c (gm(s) == gm'(qk) * c), for the kernel to fold into its log2(e) factor. This is
+    what the eager printer's score_mod_scaled does, for the graphs Inductor lowers."""
+    import copy
+
+    gm = copy.deepcopy(gm)
+    g = gm.graph
+    score = next(n for n in g.nodes if n.op == "placeholder")
+    if not _is_float(score):
+        return gm, 1.0
+    with g.inserting_after(score):
+        scaled = g.call_function(aten.mul.Tensor, (score, float(scale)))
+    scaled.meta = dict(score.meta)
+    score.replace_all_uses_with(scaled)
+    scaled.args = (score, float(scale))
+    gm.recompile()
+    gm = fold_constant_factors(gm)
+    factor = 1.0
+    if strip_factor:
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        res = out.args[0]
+        single = isinstance(res, (tuple, list)) and len(res) == 1
+        node = res[0] if single else res
+        if (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _MUL + _DIV
+                and isinstance(node.args[0], torch.fx.Node) and _number(node.args[1])
+                and node.args[0].op != "placeholder" and _is_float(node.args[0])):
+            c = node.args[1] if node.target in _MUL else 1.0 / node.args[1]
+            if c > 0:
+                x = node.args[0]
+                out.args = ((x,) if single else x,)
+                gm.graph.eliminate_dead_code()
+                gm.recompile()
+                factor = float(c)
+    return gm, factor

@@ -23,7 +23,7 @@ import torch
 from inductor_flex import compat
 from inductor_flex.validation import use_fast_tanh
 from inductor_flex.hop import SCORE_BUF_GRADS
-from inductor_flex.joint_graph import derivative_is_bounded, fold_constant_factors
+from inductor_flex.joint_graph import derivative_is_bounded, fold_constant_factors, prescale
 from inductor_flex.templates import render
 
 from . import template as fwd
@@ -96,7 +96,7 @@ _NO_JOINT = ("@triton.jit\n"
 
 
 def _template(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: float, has_score_mod: bool,
-              score_loads: bool, mask_loads: bool, guard: bool = True):
+              score_loads: bool, mask_loads: bool, guard: bool = True, mod_scale: float = 1.0):
     from inductor_flex.printer import HELPERS
 
     transposed = kernel == "dkdv"
@@ -104,6 +104,7 @@ def _template(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: floa
     source = render(
         "flex_backward.py.jinja",
         inductor=True,
+        mod_scale=repr(float(mod_scale)),
         kernel=kernel,
         description="score_mod, mask_mod and the score_mod's joint graph lowered by Inductor",
         helpers=HELPERS,
@@ -186,8 +187,11 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
 
     idx = [fwd._placeholder(n, torch.int32, device) for n in ("b", "h", "m", "n")]
     fast_tanh = use_fast_tanh(opts, dtype, device.type == "cuda")
-    score_gm = fwd._exp_tanh(fw_graph.graph_module, fast_tanh)
-    has_score_mod = not fwd._is_identity(score_gm)
+    has_score_mod = not fwd._is_identity(fw_graph.graph_module)
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    # the mods take the raw q·k, as in the forward (joint_graph.prescale)
+    score_gm, mod_scale = prescale(fw_graph.graph_module, scale, strip_factor=True)
+    score_gm = fwd._exp_tanh(score_gm, fast_tanh)
     score_ph = fwd._placeholder("score", torch.float32, device)
     subgraphs = [fwd._subgraph_buffer(score_gm, [score_ph, *idx, *score_bufs]),
                  fwd._subgraph_buffer(block_mask[12].graph_module, [*idx, *mask_bufs])]
@@ -196,6 +200,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
         grad_ph = fwd._placeholder("grad_score", torch.float32, device)
         joint_gm = fold_constant_factors(_score_grad_only(joint_graph.graph_module))
         guard = not derivative_is_bounded(joint_gm)
+        joint_gm, _ = prescale(joint_gm, scale)
         subgraphs.append(fwd._subgraph_buffer(fwd._exp_tanh(joint_gm, fast_tanh),
                                               [score_ph, *idx, grad_ph, *score_bufs]))
 
@@ -209,7 +214,6 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
         nq, nk = (compat.size_hint(d) for d in kv_side[1].get_size()[-2:])
         recorded = tuning_masks.lookup(opts.get(tuning_masks.TUNE_KEY)) or (None,) * 8
 
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     qk_scale = scale if has_score_mod else scale * 1.4426950408889634
     common = dict(HAS_SCORE_MOD=has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
                   SPARSE_Q=sparse[0], SPARSE_KV=sparse[1], DENSE=dense,
@@ -224,7 +228,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
     dv = empty_strided(list(value.get_size()), None, dtype=dtype, device=device)
     inputs = [query, key, value, grad_out, lse, delta, dv] + q_side
     tmpl = _template("dkdv", dense, fwd._bm_strides(q_side[:2], dense, ("Q_NUM", "Q_IDX")), scale, qk_scale,
-                     has_score_mod, *loads, guard)
+                     has_score_mod, *loads, guard, mod_scale)
     layout = ir.FixedLayout(device, dtype, [B, Hkv, Lkv, E], ir.FlexibleLayout.contiguous_strides([B, Hkv, Lkv, E]))
     gen = {} if dense else (fwd._recorded_block_mask(recorded[4:8], q_side, offset=7)
                             or fwd._stand_in_block_mask(has_full, nq, nk, side="q", offset=7))
@@ -244,7 +248,8 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
 
     # dQ, one program per query tile of a query head
     inputs = [query, key, value, grad_out, lse, delta] + kv_side
-    tmpl = _template("dq", dense, fwd._bm_strides(kv_side[:2], dense), scale, qk_scale, has_score_mod, *loads, guard)
+    tmpl = _template("dq", dense, fwd._bm_strides(kv_side[:2], dense), scale, qk_scale, has_score_mod, *loads, guard,
+                     mod_scale)
     layout = ir.FixedLayout(device, dtype, [B, Hq, Lq, E], ir.FlexibleLayout.contiguous_strides([B, Hq, Lq, E]))
     gen = {} if dense else (fwd._recorded_block_mask(recorded[:4], kv_side, offset=6)
                             or fwd._stand_in_block_mask(has_full, nq, nk, side="kv", offset=6))

@@ -25,6 +25,8 @@ from inductor_flex.validation import use_fast_tanh
 from inductor_flex.templates import render
 
 from . import tuning_masks
+from inductor_flex.joint_graph import prescale
+
 from .configs import Config, autotune_pays, forward_configs, head_pad, wide_configs
 
 # Off: every forward takes the custom op again (tests compare the two).
@@ -137,12 +139,14 @@ def _is_one(expr) -> bool:
         return False
 
 
-def _template(dense: bool, bm_strides, qk_scale: float, score_loads: bool, mask_loads: bool):
+def _template(dense: bool, bm_strides, qk_scale: float, score_loads: bool, mask_loads: bool,
+              mod_scale: float = 1.0):
     from inductor_flex.printer import HELPERS
 
     source = render(
         "flex_forward.py.jinja",
         inductor=True,
+        mod_scale=repr(float(mod_scale)),
         description="score_mod / mask_mod lowered by Inductor",
         helpers=HELPERS,
         kernel_def=_kernel_def(dense, bm_strides, qk_scale),
@@ -329,8 +333,15 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
 
     idx = [_placeholder(n, torch.int32, device) for n in ("b", "h", "m", "n")]
     fast_tanh = use_fast_tanh(opts, dtype, device.type == "cuda")
-    score_gm, mask_gm = _exp_tanh(score_mod.graph_module, fast_tanh), block_mask[12].graph_module
-    has_score_mod = not _is_identity(score_gm)
+    mask_gm = block_mask[12].graph_module
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    # the template folds only a positive scale into exp2's factor (kernel.py); other scales go through
+    # the (identity) score_mod
+    has_score_mod = not _is_identity(score_mod.graph_module) or not scale > 0
+    # the mod takes the raw q·k with the scale folded into its constants, and leaves a trailing
+    # positive factor to the kernel's log2(e) factor (joint_graph.prescale: softcap's cap)
+    score_gm, mod_scale = prescale(score_mod.graph_module, scale, strip_factor=True)
+    score_gm = _exp_tanh(score_gm, fast_tanh)
     score_buf = _subgraph_buffer(score_gm, [_placeholder("score", torch.float32, device), *idx, *score_bufs])
     mask_buf = _subgraph_buffer(mask_gm, [*idx, *mask_bufs])
 
@@ -353,10 +364,9 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
                or _stand_in_block_mask(has_full, nq, nk))
     inputs += bm_nodes
 
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
-    has_score_mod = has_score_mod or not scale > 0  # the template folds only a positive scale (kernel.py)
     qk_scale = scale if has_score_mod else scale * 1.4426950408889634
-    tmpl = _template(dense, _bm_strides(bm_nodes[:2], dense), qk_scale, bool(score_bufs), bool(mask_bufs))
+    tmpl = _template(dense, _bm_strides(bm_nodes[:2], dense), qk_scale, bool(score_bufs), bool(mask_bufs),
+                     mod_scale)
 
     layout = ir.FixedLayout(device, dtype, [B, Hq, Lq, Ev], ir.FlexibleLayout.contiguous_strides([B, Hq, Lq, Ev]))
     configs = forward_configs(E, Ev, dtype, sparse, device, interpret=device.type == "cpu")

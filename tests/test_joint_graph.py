@@ -94,3 +94,32 @@ def test_backward_kernels_take_a_bounded_derivative_into_p(mod, linear):
     plan = cached_plan(q, k, v, mod, None, None, opts)
     source = BackwardPlan(plan, mod, (), opts).source
     assert source.count(f"LINEAR_GRAD: tl.constexpr = {linear}") == 2
+
+
+def _mod_graph(score_mod):
+    args = [torch.zeros(()), *(torch.zeros((), dtype=torch.int32) for _ in range(4))]
+    with TensorIndexMode():
+        return make_fx(score_mod)(*args)
+
+
+@pytest.mark.parametrize("name", list(MODS) + ["identity", "negative_factor"])
+@pytest.mark.parametrize("scale", [0.125, -0.3])
+def test_prescale_takes_raw_scores(name, scale):
+    # what the Inductor lowering hands the templates: gm(qk * scale) == gm'(qk) * c, c > 0
+    from inductor_flex.joint_graph import prescale
+
+    mod = {"identity": lambda s, b, h, q, kv: s, "negative_factor": lambda s, b, h, q, kv: torch.tanh(s) * -2.0
+           }.get(name) or MODS[name]
+    gm = _mod_graph(mod)
+    pre, c = prescale(gm, scale, strip_factor=True)
+    assert c > 0
+    score, b, h, q, kv, _ = random_inputs()
+    torch.testing.assert_close(pre(score, b, h, q, kv) * c, gm(score * scale, b, h, q, kv), rtol=1e-6, atol=1e-6)
+
+
+def test_prescaled_softcap_is_one_multiply_and_a_tanh():
+    from inductor_flex.joint_graph import prescale
+
+    pre, c = prescale(_mod_graph(V.generate_tanh_softcap(30.0)), 0.125, strip_factor=True)
+    ops = [n.target for n in pre.graph.nodes if n.op == "call_function"]
+    assert c == 30.0 and ops == [aten.div.Tensor, aten.tanh.default]
