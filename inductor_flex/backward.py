@@ -25,8 +25,6 @@ from inductor_flex.templates import render
 log = logging.getLogger("inductor_flex")
 
 _NO_SCORE_MOD_BWD = (
-    "@triton.jit\ndef score_mod_bwd(score, b, h, q_idx, kv_idx, grad, ACCUMULATE_CAPS: tl.constexpr):\n"
-    "    return grad\n\n\n"
     "@triton.jit\ndef score_mod_bwd_scaled(qk, qk_scale, b, h, q_idx, kv_idx, grad, ACCUMULATE_CAPS: tl.constexpr):\n"
     "    return grad\n"
 )

@@ -803,16 +803,11 @@ class _WithCaptured(torch.fx.Interpreter):
         return t
 
 
-def _caps_block(atomics: List[str]) -> str:
-    if not atomics:
-        return ""
-    return "\n    if ACCUMULATE_CAPS:\n" + "\n".join("        " + l for l in atomics)
-
-
 def print_score_mod_backward(fn: Callable, fwd: PrintedMod, device, grad_caps: Tuple[bool, ...],
                              fast_tanh: bool = False) -> PrintedMod:
-    """Print the joint graph of a score_mod: ``score_mod_bwd(score, b, h, q_idx, kv_idx, grad, ...)``
-    returns grad · d score_mod / d score and, when ACCUMULATE_CAPS, atomically adds
+    """Print the joint graph of a score_mod as
+    ``score_mod_bwd_scaled(qk, qk_scale, b, h, q_idx, kv_idx, grad, ...)`` (score = qk * qk_scale):
+    it returns grad · d score_mod / d score and, when ACCUMULATE_CAPS, atomically adds
     grad · d score_mod / d captured[i] into SM_GRAD{i} for every captured tensor with grad_caps[i]."""
     gm = _trace(fn, "score_mod", torch.float32, device)
     caps = list(fwd.tensors)
@@ -841,22 +836,17 @@ def print_score_mod_backward(fn: Callable, fwd: PrintedMod, device, grad_caps: T
         p.captured(c)
     ptrs = {i: f"SM_GRAD{i}" for i, need in enumerate(grad_caps) if need}
     bounded = derivative_is_bounded(jg)
-    body, atomics = p.run_joint(ptrs, guard=not bounded)
-    tail = p.params + list(ptrs.values()) + ["ACCUMULATE_CAPS: tl.constexpr"]
-    params = ", ".join(["score", "b", "h", "q_idx", "kv_idx", "grad"] + tail)
-    source = (f"@triton.jit\ndef score_mod_bwd({params}):\n    # d/d score and d/d captured of {mod_name(fn)}\n"
-              f"{body}{_caps_block(atomics)}\n    return d_score\n")
-    # the eager backward kernels' call, from (qk, qk_scale) as the forward's score_mod_scaled: the
-    # same leading multiply, so the kernel computes it (and what follows, softcap's tanh) once
-    ps = _Printer(jg, "score_mod", fn, "SM_CAP", fast_tanh)
-    for c in caps:
-        ps.captured(c)
-    body_s, atomics_s = ps.run_joint(ptrs, guard=not bounded, scaled=True)
-    if ps.params != p.params:
-        args = ", ".join(["b", "h", "q_idx", "kv_idx", "grad"] + [t.split(":")[0] for t in tail])
-        body_s, atomics_s = f"    d_score = score_mod_bwd(qk * qk_scale, {args})", []
-    source += (f"\n\n@triton.jit\ndef score_mod_bwd_scaled({', '.join(['qk', 'qk_scale', 'b', 'h', 'q_idx', 'kv_idx', 'grad'] + tail)}):\n"
-               f"{body_s}{_caps_block(atomics_s)}\n    return d_score\n")
+    # the kernels call it from (qk, qk_scale) as the forward's score_mod_scaled: the same leading
+    # multiply, so a kernel computes it (and what follows, softcap's tanh) once for both
+    body, atomics = p.run_joint(ptrs, guard=not bounded, scaled=True)
+    params = ", ".join(["qk", "qk_scale", "b", "h", "q_idx", "kv_idx", "grad"] + p.params + list(ptrs.values())
+                       + ["ACCUMULATE_CAPS: tl.constexpr"])
+    acc = ""
+    if atomics:
+        acc = "\n    if ACCUMULATE_CAPS:\n" + "\n".join("        " + l for l in atomics)
+    source = (f"@triton.jit\ndef score_mod_bwd_scaled({params}):\n"
+              f"    # d/d score and d/d captured of {mod_name(fn)}, score = qk * qk_scale\n"
+              f"{body}{acc}\n    return d_score\n")
     if len(p.tensors) != len(caps):
         raise p.fail("a captured tensor that only its gradient reads")
     return PrintedMod("score_mod_bwd", source, caps, p.params + list(ptrs.values()), p.used_fast_tanh, bounded)
