@@ -2,6 +2,7 @@
 """Where an eager call's host time goes: cProfile of repeated flex_attention calls (no sync).
 
     python benchmarks/profile_host.py --case decode   # B=8, Hq=32, Hkv=8, S=8192, D=128, Lq=1, bf16
+    python benchmarks/profile_host.py --case paged    # the same over a shuffled PagedKVCache pool
     python benchmarks/profile_host.py --case forward  # B=4, H=16, S=4096, D=128, bf16
     python benchmarks/profile_host.py --case fwdbwd   # B=16, H=16, S=1024, D=128, document mask,
                                                       # forward + backward
@@ -28,23 +29,27 @@ from inductor_flex import flex_attention  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=("decode", "forward", "fwdbwd"), default="decode")
+    ap.add_argument("--case", choices=("decode", "paged", "forward", "fwdbwd"), default="decode")
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
+    bm = None
     if args.case == "decode":
         q = torch.randn(8, 32, 1, 128, dtype=dt, device=dev)
         k = torch.randn(8, 8, 8192, 128, dtype=dt, device=dev)
+    elif args.case == "paged":
+        q, k, v, bm = paged_inputs(dev, dt)
     elif args.case == "forward":
         q = torch.randn(4, 16, 4096, 128, dtype=dt, device=dev)
         k = torch.randn(4, 16, 4096, 128, dtype=dt, device=dev)
     else:
         return fwdbwd(args)
-    v = torch.randn_like(k)
+    if args.case != "paged":
+        v = torch.randn_like(k)
 
     def call():
-        return flex_attention(q, k, v, enable_gqa=True)
+        return flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
 
     for _ in range(20):
         call()
@@ -62,6 +67,23 @@ def main():
     prof.disable()
     torch.cuda.synchronize()
     pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+
+
+def paged_inputs(dev, dt, B=8, Hq=32, Hkv=8, S=8192, D=128, page=128):
+    """The decode shape over a PagedKVCache pool with shuffled pages (bench_decode.py's paged peer)."""
+    from inductor_flex import create_block_mask
+    from inductor_flex.paged import PagedKVCache
+
+    cache = PagedKVCache(B * (S // page), page, B, device=dev)
+    g = torch.Generator().manual_seed(0)
+    cache.free_pages = [cache.free_pages[i] for i in torch.randperm(len(cache.free_pages), generator=g).tolist()]
+    for b in range(B):
+        cache.reserve(b, S)
+    idx = torch.arange(B, device=dev)
+    bm = cache.convert_logical_block_mask(create_block_mask(None, None, None, 1, S, device=dev, BLOCK_SIZE=page), idx)
+    k_pool, v_pool = (torch.randn(1, Hkv, cache.capacity, D, dtype=dt, device=dev) for _ in range(2))
+    return (torch.randn(B, Hq, 1, D, dtype=dt, device=dev), k_pool.expand(B, -1, -1, -1),
+            v_pool.expand(B, -1, -1, -1), bm)
 
 
 def fwdbwd(args):

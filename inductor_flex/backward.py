@@ -16,6 +16,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from .kernel import _block_mask_args, fastest_config, load_module, template_hooks, triton_cdiv
+from .launch import launch as launch_kernel
 from .printer import PrintedMod, print_score_mod_backward
 from .reference import math_attention
 
@@ -189,8 +190,8 @@ class BackwardCall:
 
 
 def _run(module, launch: Launch):
-    getattr(module, launch.kernel)[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,
-                                                num_stages=launch.num_stages)
+    launch_kernel(getattr(module, launch.kernel), launch.grid, launch.args, launch.constexprs, launch.num_warps,
+                  launch.num_stages)
 
 
 def run_backward(bplan: BackwardPlan, query, key, value, out, lse, grad_out, grad_lse, captured_needs):

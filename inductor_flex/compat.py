@@ -291,6 +291,60 @@ def raw_stream(device: torch.device) -> int:
     return fn(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def ensure_triton_allocator() -> None:
+    """Give Triton a global-memory allocator for kernels that build tensor descriptors on the device
+    (tl.make_tensor_descriptor needs a small workspace per launch), unless the caller has set one."""
+    import triton
+
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # the private names moved: set ours (what set_allocator's users do anyway)
+        pass
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+    triton.set_allocator(alloc)
+
+
+_launch_api = None
+
+
+def _triton_launch_api():
+    global _launch_api
+    if _launch_api is None:
+        from triton import knobs
+        from triton.runtime.driver import driver
+        _launch_api = (knobs.runtime, driver)
+    return _launch_api
+
+
+def can_launch_compiled(kernel) -> bool:
+    """Whether ``launch_compiled`` can call this object's launcher (what ``JITFunction.run`` returns
+    in triton 3.6 to 3.9: a CompiledKernel with run / function / packed_metadata)."""
+    try:
+        _triton_launch_api()
+        return all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata", "launch_metadata"))
+    except Exception:  # noqa: BLE001 - another triton: Triton's own path only
+        return False
+
+
+def launch_compiled(kernel, grid, args, tail) -> None:
+    """Launch a compiled kernel as ``JITFunction.run`` does after its lookup: the launcher takes the
+    grid, the stream, the function, its metadata, the launch hooks, then every argument in signature
+    order (constexprs included; it skips them)."""
+    runtime, driver = _triton_launch_api()
+    device = driver.active.get_current_device()
+    stream = driver.active.get_current_stream(device)
+    enter = runtime.launch_enter_hook
+    meta = kernel.launch_metadata(grid, stream, *args, *tail) if enter is not None else None
+    n = len(grid)
+    kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, kernel.function,
+               kernel.packed_metadata, meta, enter, runtime.launch_exit_hook, *args, *tail)
+
+
 def make_fx(fn, tracing_mode: str = "real"):
     from torch.fx.experimental.proxy_tensor import make_fx as _make_fx
 

@@ -22,6 +22,7 @@ import torch
 
 from . import compat
 from .block_mask import BlockMask
+from .launch import launch as launch_kernel
 from .kernel import (
     _block_mask_args, _default_block_mask, _printed_mod, interpreter_enabled, load_module, template_hooks,
 )
@@ -252,16 +253,17 @@ def _launch(plan: DecodePlan, module, query, key, value, bm: BlockMask, scale: f
     rows = B * Hq * Lq
     merge = split > 1
     counter = _counter(plan, query) if merge else lse
-    module.flex_decode_kernel[(split, plan.programs)](
+    args = (
         query, key, value, out, lse, mx, part if merge else lse, counter,
         kv_num, kv_idx, full_num, full_idx,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         kv_num.stride(0), kv_num.stride(1), kv_idx.stride(0), kv_idx.stride(1),
         qk_scale, Lq, Lkv, Hq, Hq // Hkv, split, rows * split * Ev, rows * split * (Ev + 1),
         *mod_args,
-        **plan.constexprs, BLOCK_N=cfg.BLOCK_N, MERGE=merge,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    launch_kernel(module.flex_decode_kernel, (split, plan.programs), args,
+                  dict(plan.constexprs, BLOCK_N=cfg.BLOCK_N, MERGE=merge), cfg.num_warps, cfg.num_stages,
+                  plan.interpret)
 
 
 # zeroed counter rows a plan allocates at once, one per stream it meets (the default stream, side

@@ -24,6 +24,8 @@ import torch
 from .block_mask import (
     FINE_BLOCK, PINNED_TILES, BlockMask, _from_maps, _refined_maps, create_block_mask, refinable, refinement_pays,
 )
+from . import compat
+from .launch import launch as launch_kernel
 from .mods import FlexModError, TensorIndexMode, explain_mod_error, mod_name, noop_mask
 from .printer import HELPERS, PrintedMod, identity_mod, print_mod
 from .validation import use_fast_tanh
@@ -526,9 +528,35 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
         DENSE=dense, HAS_FULL=True,
         # a float32 O from 16-bit inputs is the backward's (see _KernelForward): make it float32-exact
         SPLIT_P=out.dtype == torch.float32 and query.dtype != torch.float32,
+        USE_TMA=use_tma(plan.opts, key, value),
     )
     grid = (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq)
     return grid, args, constexprs
+
+
+# USE_TMA's default: off. On the H100 (triton 3.6) the descriptor loads measured level at S=4096
+# and 5-12% slower at S=1024, where each program's descriptor setup is a larger share
+# (benchmarks/results/h100_2026-11-27_tma.md)
+TMA_DEFAULT = False
+
+
+def tma_eligible(t: torch.Tensor) -> bool:
+    """Whether a [B, H, L, D] tensor can be read through a TMA descriptor per (b, h): unit stride in
+    D, 16-byte aligned base, row and head strides, at least 16 bytes per row."""
+    el = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.shape[-1] * el >= 16
+            and all((s * el) % 16 == 0 for s in t.stride()[:3]))
+
+
+def use_tma(opts: dict, key: torch.Tensor, value: torch.Tensor) -> bool:
+    want = opts.get("USE_TMA", TMA_DEFAULT)
+    if not want:
+        return False
+    if not (tma_eligible(key) and tma_eligible(value)):
+        log.info("inductor_flex: USE_TMA off for this call: K/V strides or alignment do not allow TMA")
+        return False
+    compat.ensure_triton_allocator()
+    return True
 
 
 def run_forward(plan: ForwardPlan, query, key, value, out=None):
@@ -546,7 +574,7 @@ def run_forward(plan: ForwardPlan, query, key, value, out=None):
 
     def launch(cfg: Config):
         grid, args, constexprs = forward_launch(plan, query, key, value, out, lse, mx, cfg)
-        module.flex_fwd_kernel[grid](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch_kernel(module.flex_fwd_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages, plan.interpret)
 
     cfg = plan.pinned or _pick_config(plan, launch, query, key, value)
     launch(cfg)

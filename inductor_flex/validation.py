@@ -34,6 +34,8 @@ KNOWN_KERNEL_OPTIONS = {
     # eager kernels compiled for the call's strides and lengths (default: the first layout of a
     # score_mod / mask_mod pair, for calls with enough work; kernel.py _specialize_layout)
     "SPECIALIZE_LAYOUT": bool,
+    # the forward kernel loads K/V tiles through TMA tensor descriptors (default: kernel.py use_tma)
+    "USE_TMA": bool,
 }
 
 

@@ -33,6 +33,8 @@ def specializations():
                 yield variant, shape_name, dtype, "interp"
         # the GPU default config, in bf16, once per variant
         yield variant, "odd37_E40", torch.bfloat16, "gpu"
+        # K/V through TMA descriptors
+        yield variant, "odd37_E40", torch.bfloat16, "gpu-tma"
     # the default for 16-bit inputs on the GPU: tanh as inline tanh.approx.f32 (never interpreted)
     yield "softcap", "odd37_E40", torch.bfloat16, "gpu-fast_tanh"
 
@@ -49,6 +51,7 @@ def compile_one(job):
     opts = {"SPECIALIZE_LAYOUT": which != "interp"}
     if not which.endswith("fast_tanh"):
         opts["FAST_TANH"] = False
+    opts["USE_TMA"] = which.endswith("tma")
     plan = K.ForwardPlan(q, k, v, score_mod, block_mask, None, opts)
     assert ("stride_qm: tl.constexpr" in plan.source) == opts["SPECIALIZE_LAYOUT"]
     if variant == "softcap":
@@ -58,6 +61,7 @@ def compile_one(job):
     out = torch.empty(B, Hq, Lq, Ev, dtype=dtype)
     lse = torch.empty(B, Hq, Lq)
     grid, args, consts = K.forward_launch(plan, q, k, v, out, lse, lse, cfg)
+    assert consts["USE_TMA"] == opts["USE_TMA"]
     module = K.load_module(plan.source, False)
     t = time.time()
     ok, msg = compile_launches(module, [("flex_fwd_kernel", args, consts, cfg.num_warps, cfg.num_stages)])

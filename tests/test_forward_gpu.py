@@ -36,6 +36,20 @@ def test_forward_gpu_matches_reference(variant, shape, dtype):
     assert_close_to_reference(lse, ref_lse, low_lse, dtype, "lse")
 
 
+@pytest.mark.parametrize("shape", ["odd37_E40", "S777_S1500_D96", "gqa4x2_E64_Ev32"])
+@pytest.mark.parametrize("variant", ["noop", "causal", "document", "softcap"])
+def test_forward_gpu_tma(variant, shape):
+    B, Hq, Hkv, Lq, Lkv, E, Ev = GPU_SHAPES[shape]
+    q, k, v = make_inputs(GPU_SHAPES[shape], torch.bfloat16, "cuda")
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda", block=128 if Lq >= 512 else 32)
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=Hq != Hkv,
+                              return_lse=True, kernel_options={"USE_TMA": True})
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
+    low_out, low_lse, _ = math_attention(q, k, v, score_mod, block_mask)
+    assert_close_to_reference(out, ref_out, low_out, torch.bfloat16, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.bfloat16, "lse")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32], ids=["fp32"])
 def test_forward_gpu_fp32(dtype):
     shape = (1, 4, 4, 300, 300, 64, 64)
