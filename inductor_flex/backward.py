@@ -1,9 +1,9 @@
 """Eager backward: print the score_mod's joint graph, render the backward template, launch it.
 
 Given the forward's plan (its printed mods and BlockMask) and the saved out / lse, this runs
-three kernels: delta = rowsum(dO * O) - dLSE, then dK/dV (one program per kv tile and kv head,
-looping over the query heads of its GQA group, so no atomics) and dQ (one program per query tile
-and query head). Gradients of tensors the score_mod captured (a bias table, ALiBi slopes, ...) are
+two kernels: dQ (one program per query tile and query head), which also computes
+delta = rowsum(dO * O) - dLSE from its dO tile and stores it, then dK/dV (one program per kv tile
+and kv head, looping over the query heads of its GQA group, so no atomics), which reads delta. Gradients of tensors the score_mod captured (a bias table, ALiBi slopes, ...) are
 atomically added in the dQ kernel, where each score is visited exactly once; with
 kernel_options DETERMINISTIC=True they come from the chunked math path instead (bitwise
 reproducible, slower). The same template source runs in Triton's interpreter on CPU.
@@ -171,11 +171,16 @@ class BackwardCall:
         B, Hq, Lq, _ = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
         kv_num, kv_idx, fkv_num, fkv_idx = self.kv_side
-        args = (q, k, v, g, self.dq, self.lse, self.delta, kv_num, kv_idx, fkv_num, fkv_idx,
-                *q.stride(), *k.stride(), *v.stride(), *g.stride(), *self.dq.stride(),
+        has_glse = self.grad_lse is not None
+        args = (q, k, v, g, self.dq, self.lse, self.delta, self.out, self.grad_lse if has_glse else self.delta,
+                kv_num, kv_idx, fkv_num, fkv_idx,
+                *q.stride(), *k.stride(), *v.stride(), *g.stride(), *self.dq.stride(), *self.out.stride(),
                 *kv_num.stride(), *kv_idx.stride()[:3],
                 self.scale, self.qk_scale, Lq, Lkv, Hq, Hq // Hkv, *self.mod_args)
-        consts = dict(GRAD_CAPS=grad_caps, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        # FUSE_DELTA: this kernel computes delta (and runs before dK/dV); with FUSED_DQ the
+        # preprocess kernel does, since dK/dV runs first
+        consts = dict(GRAD_CAPS=grad_caps, FUSE_DELTA=not self.fused_dq, HAS_GRAD_LSE=has_glse,
+                      BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                       EVEN_M=Lq % cfg.BLOCK_M == 0,
                       EVEN_N=Lkv % (cfg.BLOCK_N if self.common["DENSE"] else self.common["SPARSE_KV"]) == 0,
                       **self.common)
@@ -207,26 +212,37 @@ def run_backward(bplan: BackwardPlan, query, key, value, out, lse, grad_out, gra
         raise ValueError("kernel_options FUSED_DQ accumulates dQ with atomics: it cannot be combined with "
                          "DETERMINISTIC, nor with gradients of captured tensors (they are taken in the dQ kernel)")
     call = BackwardCall(bplan, query, key, value, out, lse, grad_out, grad_lse, fused_dq=fused)
-    _run(module, call.preprocess())
     dkdv_cands, dq_cands = call.configs()
     opts = bplan.opts
-    dkdv_cfg = _pinned(opts, "BLOCK_M1", "BLOCK_N1", dkdv_cands[0]) or _tune(
-        bplan, "dkdv_fused_dq" if fused else "dkdv", dkdv_cands, lambda c: _run(module, call.dkdv(c)),
-        query, key, value)
-    dq_cfg = _pinned(opts, "BLOCK_M2", "BLOCK_N2", dq_cands[0]) or _tune(
-        bplan, "dq", dq_cands, lambda c: _run(module, call.dq_launch(c, False)), query, key, value)
     q_bs, kv_bs = plan.block_mask.BLOCK_SIZE
-    for name, cfg, m, n in (("dK/dV", dkdv_cfg, "BLOCK_M1", "BLOCK_N1"), ("dQ", dq_cfg, "BLOCK_M2", "BLOCK_N2")):
+
+    def check(name, cfg, m, n):
         if q_bs % cfg.BLOCK_M or kv_bs % cfg.BLOCK_N:
             raise ValueError(f"kernel_options {m}={cfg.BLOCK_M}, {n}={cfg.BLOCK_N} ({name} kernel) must divide the "
                              f"BlockMask's BLOCK_SIZE {plan.block_mask.BLOCK_SIZE}")
+
+    def dkdv_config():
+        cfg = _pinned(opts, "BLOCK_M1", "BLOCK_N1", dkdv_cands[0]) or _tune(
+            bplan, "dkdv_fused_dq" if fused else "dkdv", dkdv_cands, lambda c: _run(module, call.dkdv(c)),
+            query, key, value)
+        check("dK/dV", cfg, "BLOCK_M1", "BLOCK_N1")
+        return cfg
+
     if fused:
+        _run(module, call.preprocess())
+        dkdv_cfg = dkdv_config()
         call.dq_acc.zero_()  # autotuning may have run the dK/dV kernel already
         _run(module, call.dkdv(dkdv_cfg))
         call.dq.copy_(call.dq_acc[..., :query.shape[-1]] * plan.scale)
     else:
-        _run(module, call.dkdv(dkdv_cfg))
+        # dQ first: it writes delta, which the dK/dV kernel (and its autotuning) reads
+        dq_cfg = _pinned(opts, "BLOCK_M2", "BLOCK_N2", dq_cands[0])
+        if dq_cfg is not None:
+            check("dQ", dq_cfg, "BLOCK_M2", "BLOCK_N2")
+        else:
+            dq_cfg = _tune(bplan, "dq", dq_cands, lambda c: _run(module, call.dq_launch(c, False)), query, key, value)
         _run(module, call.dq_launch(dq_cfg, any_caps and not deterministic))
+        _run(module, call.dkdv(dkdv_config()))
 
     if any_caps and deterministic:
         cap_grads = _captured_grads_math(plan, query, key, value, call.grad_out, grad_lse, want)

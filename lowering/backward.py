@@ -4,9 +4,10 @@
 ``lowering/template.py``: the dK/dV kernel (its output dK, dV written as a mutated input) and the
 dQ kernel. Their hooks hold Inductor's template calls: the score_mod, the mask_mod and the
 score_mod's joint graph (``modification`` of subgraphs 0, 1, 2), strides and sizes of the graph's
-buffers, and ``store_output`` for dK / dQ. delta = rowsum(dO · O) - dLSE is Inductor's own
-reduction, so it fuses with whatever produced dO. Both kernels' block sizes are picked by
-Inductor's template benchmarks from the eager autotuner's candidates (``lowering/configs.py``).
+buffers, and ``store_output`` for dK / dQ. The dQ kernel runs first and also writes
+delta = rowsum(dO · O) - dLSE (a mutated input) for the dK/dV kernel, as on the eager path. Both
+kernels' block sizes are picked by Inductor's template benchmarks from the eager autotuner's
+candidates (``lowering/configs.py``).
 
 Which backward calls come here is decided while AOTAutograd traces the backward HOP (``takes``):
 the calls the forward template takes where no floating-point tensor captured by the score_mod
@@ -62,7 +63,7 @@ def takes(query, key, value, fw_graph, joint_graph, block_mask, kernel_options, 
 
 
 # ---- stage one: our hooks, filled with Inductor's template calls --------------------------------
-def _kernel_def(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: float) -> str:
+def _kernel_def(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: float, grad_lse: bool = False) -> str:
     if kernel == "dkdv":
         names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DV"] + ([] if dense else list(_DKDV_BM))
         strides = _STRIDES + ['    stride_dvb, stride_dvh, stride_dvn, stride_dvd = {{stride("DV")}}',
@@ -71,9 +72,14 @@ def _kernel_def(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: fl
                               "    DQ_ACC = DELTA  # FUSED_DQ is off: never written"]
         bm_names = _DKDV_BM
     else:
-        names = ["Q", "K", "V", "DO", "LSE", "DELTA"] + ([] if dense else list(_DQ_BM))
-        strides = _STRIDES + [f"    stride_nb, stride_nh, stride_nm = {bm_strides[0]}",
+        # DELTA: written by this kernel (FUSE_DELTA), a mutated input; GRAD_LSE only with an lse gradient
+        names = (["Q", "K", "V", "DO", "LSE", "DELTA", "OUT"] + (["GRAD_LSE"] if grad_lse else [])
+                 + ([] if dense else list(_DQ_BM)))
+        strides = _STRIDES + ['    stride_ob, stride_oh, stride_om, stride_od = {{stride("OUT")}}',
+                              f"    stride_nb, stride_nh, stride_nm = {bm_strides[0]}",
                               f"    stride_ib, stride_ih, stride_im = {bm_strides[1]}"]
+        if not grad_lse:
+            strides.append("    GRAD_LSE = DELTA  # HAS_GRAD_LSE is off: never read")
         bm_names = _DQ_BM
     lines = ["{{def_kernel(%s)}}" % ", ".join(f'"{n}"' for n in names)] + strides + _SCALARS + [
         f"    scale = {scale!r}",
@@ -96,7 +102,8 @@ _NO_JOINT = ("@triton.jit\n"
 
 
 def _template(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: float, has_score_mod: bool,
-              score_loads: bool, mask_loads: bool, guard: bool = True, mod_scale: float = 1.0):
+              score_loads: bool, mask_loads: bool, guard: bool = True, mod_scale: float = 1.0,
+              grad_lse: bool = False):
     from inductor_flex.printer import HELPERS
 
     transposed = kernel == "dkdv"
@@ -108,7 +115,7 @@ def _template(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: floa
         kernel=kernel,
         description="score_mod, mask_mod and the score_mod's joint graph lowered by Inductor",
         helpers=HELPERS,
-        kernel_def=_kernel_def(kernel, dense, bm_strides, scale, qk_scale),
+        kernel_def=_kernel_def(kernel, dense, bm_strides, scale, qk_scale, grad_lse),
         score_mod_source=fwd._mod_helper("score_mod", 0, True, score_loads, transposed),
         mask_mod_source=fwd._mod_helper("mask_mod", 1, False, mask_loads, transposed),
         score_mod_bwd_source=(fwd._mod_helper("score_mod_bwd", 2, True, score_loads, transposed, with_grad=True,
@@ -157,25 +164,17 @@ def _score_grad_only(gm):
     return gm
 
 
-def _delta(out, grad_out, grad_lse):
-    """rowsum(dO · O) - dLSE in float32, as Inductor's own reduction."""
-    L, aten, prims = compat.inductor_lowering, torch.ops.aten, torch.ops.prims
-    f32 = L(prims.convert_element_type.default)
-    delta = L(aten.sum.dim_IntList)(L(aten.mul.Tensor)(f32(out, torch.float32), f32(grad_out, torch.float32)), [-1])
-    if grad_lse is not None:
-        delta = L(aten.sub.Tensor)(delta, f32(grad_lse, torch.float32))
-    return delta
-
-
 def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, joint_graph, block_mask, scale,
                    kernel_options, score_bufs, mask_bufs):
     """Inductor lowering of flex_attention_backward_hop -> (dq, dk, dv, grads of score_bufs)."""
     ir = compat.inductor_ir()
     empty_strided = compat.inductor_lowering(torch.ops.aten.empty_strided.default)
     require = ir.ExternKernel.require_contiguous
-    delta = _delta(out, grad_out, grad_lse)
-    query, key, value, grad_out = compat.inductor_realize(query, key, value, grad_out)
-    lse, delta = compat.inductor_realize(require(lse), require(delta))
+    query, key, value, grad_out, out = compat.inductor_realize(query, key, value, grad_out, out)
+    (lse,) = compat.inductor_realize(require(lse))
+    if grad_lse is not None:
+        f32 = compat.inductor_lowering(torch.ops.prims.convert_element_type.default)
+        (grad_lse,) = compat.inductor_realize(require(f32(grad_lse, torch.float32)))
     score_bufs = compat.inductor_realize(*score_bufs)
     mask_bufs = compat.inductor_realize(*mask_bufs)
     device, dtype = query.get_device(), query.get_dtype()
@@ -224,6 +223,30 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
     loads = (bool(score_bufs), bool(mask_bufs))
     extra = list(score_bufs) + list(mask_bufs)
 
+    # dQ first, one program per query tile of a query head: it also writes delta = rowsum(dO · O) -
+    # dLSE (a mutated input) from the dO tile it holds, for the dK/dV kernel below
+    delta = empty_strided([B, Hq, Lq], None, dtype=torch.float32, device=device)
+    inputs = [query, key, value, grad_out, lse, delta, out] + ([grad_lse] if grad_lse is not None else []) + kv_side
+    tmpl = _template("dq", dense, fwd._bm_strides(kv_side[:2], dense), scale, qk_scale, has_score_mod, *loads, guard,
+                     mod_scale, grad_lse=grad_lse is not None)
+    layout = ir.FixedLayout(device, dtype, [B, Hq, Lq, E], ir.FlexibleLayout.contiguous_strides([B, Hq, Lq, E]))
+    at = len(inputs) - len(kv_side)  # where the BlockMask inputs start
+    gen = {} if dense else (fwd._recorded_block_mask(recorded[:4], kv_side, offset=at)
+                            or fwd._stand_in_block_mask(has_full, nq, nk, side="kv", offset=at))
+    choices, error = [], None
+    for cfg in backward_configs("dq", E, Ev, dtype, sparse, interpret)[:1 if first_only else None]:
+        error = tmpl.maybe_append_choice(
+            choices, input_nodes=inputs, layout=layout, subgraphs=subgraphs, mutated_inputs=[delta],
+            call_sizes=[B, Hq, Lq, E], num_stages=cfg.num_stages, num_warps=cfg.num_warps,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, GRAD_CAPS=False, FUSE_DELTA=True,
+            HAS_GRAD_LSE=grad_lse is not None,
+            EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M),
+            EVEN_N=compat.known_multiple_of(Lkv, cfg.BLOCK_N if dense else sparse[1]), **common,
+        ) or error
+    if not choices:
+        raise RuntimeError(f"inductor_flex: no dQ template config could be generated: {error}")
+    dq = compat.select_template("inductor_flex_backward_dq", choices, inputs + extra, layout, gen)
+
     # dK (the template's output) and dV (a mutated input), one program per kv tile of a kv head
     dv = empty_strided(list(value.get_size()), None, dtype=dtype, device=device)
     inputs = [query, key, value, grad_out, lse, delta, dv] + q_side
@@ -245,24 +268,4 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
     if not choices:
         raise RuntimeError(f"inductor_flex: no dK/dV template config could be generated: {error}")
     dk = compat.select_template("inductor_flex_backward_dkdv", choices, inputs + extra, layout, gen)
-
-    # dQ, one program per query tile of a query head
-    inputs = [query, key, value, grad_out, lse, delta] + kv_side
-    tmpl = _template("dq", dense, fwd._bm_strides(kv_side[:2], dense), scale, qk_scale, has_score_mod, *loads, guard,
-                     mod_scale)
-    layout = ir.FixedLayout(device, dtype, [B, Hq, Lq, E], ir.FlexibleLayout.contiguous_strides([B, Hq, Lq, E]))
-    gen = {} if dense else (fwd._recorded_block_mask(recorded[:4], kv_side, offset=6)
-                            or fwd._stand_in_block_mask(has_full, nq, nk, side="kv", offset=6))
-    choices, error = [], None
-    for cfg in backward_configs("dq", E, Ev, dtype, sparse, interpret)[:1 if first_only else None]:
-        error = tmpl.maybe_append_choice(
-            choices, input_nodes=inputs, layout=layout, subgraphs=subgraphs, mutated_inputs=None,
-            call_sizes=[B, Hq, Lq, E], num_stages=cfg.num_stages, num_warps=cfg.num_warps,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, GRAD_CAPS=False,
-            EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M),
-            EVEN_N=compat.known_multiple_of(Lkv, cfg.BLOCK_N if dense else sparse[1]), **common,
-        ) or error
-    if not choices:
-        raise RuntimeError(f"inductor_flex: no dQ template config could be generated: {error}")
-    dq = compat.select_template("inductor_flex_backward_dq", choices, inputs + extra, layout, gen)
     return dq, dk, dv, tuple(None for _ in score_bufs)  # (takes: no captured-tensor gradient is used)

@@ -135,7 +135,8 @@ def test_backward_config_benchmarks_use_the_real_block_mask(interpreted_inductor
     real_select = compat.select_template
 
     def spy(name, choices, inputs, layout, gen):
-        first = {"inductor_flex_backward_dkdv": 7, "inductor_flex_backward_dq": 6}.get(name)
+        # where the BlockMask inputs start: after (q, k, v, dO, lse, delta, dv) / (q, k, v, dO, lse, delta, out)
+        first = {"inductor_flex_backward_dkdv": 7, "inductor_flex_backward_dq": 7}.get(name)
         if first is not None:
             seen[name] = [gen[first + i](inputs[first + i]) for i in range(4)]
         return real_select(name, choices, inputs, layout, gen)
