@@ -1,6 +1,6 @@
 """The backward template lowered by Inductor (lowering/backward.py): the dK/dV and dQ kernels
 rendered from templates/flex_backward.py.jinja with the score_mod, mask_mod and joint graph lowered
-into their hooks, delta as Inductor's own reduction. As in test_template_lowering.py, Inductor's
+into their hooks, delta = rowsum(dO * O) - dLSE computed by the dQ kernel. As in test_template_lowering.py, Inductor's
 Triton CPU backend generates the graph's kernels and Triton's interpreter runs them, so CI checks
 the numerics of the very source Inductor generates; the GPU suite runs the same on CUDA."""
 import pytest
@@ -57,6 +57,45 @@ def test_inductor_renders_the_backward_template(interpreted_inductor, variant, s
     assert_grads_close(q, k, v, grads, g, score_mod, block_mask, dtype)
     if variant == "empty_rows":
         assert (grads[0][:, :, :5] == 0).all()
+
+
+@pytest.mark.parametrize("variant,shape", [("causal", "odd37_E40"), ("empty_rows", "odd37_E40"),
+                                           ("softcap", "gqa4x2_E64_Ev32")], ids=lambda x: str(x))
+def test_lse_gradient_reaches_the_template(interpreted_inductor, variant, shape):
+    """A loss that reads the returned lse: the dQ kernel folds dLSE into delta (HAS_GRAD_LSE), and
+    dQ, dK, dV match the float64 math path (rows that attend to nothing have lse -inf and are left
+    out of the loss, as their lse has no gradient)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from inductor_flex.reference import math_attention
+
+    dims = SHAPES[shape]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    q, k, v = make_inputs(dims, torch.float32, "cpu")
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
+    g_out = torch.randn(B, Hq, Lq, Ev)
+    g_lse = torch.randn(B, Hq, Lq)
+
+    def loss(out, lse):
+        return (out * g_out.to(out.dtype)).sum() + (torch.where(torch.isfinite(lse), lse, 0) * g_lse.to(lse.dtype)).sum()
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        return torch.autograd.grad(loss(*fn(*leaves)), leaves)
+
+    compiled = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                                            enable_gqa=Hq != Hkv, return_lse=True), fullgraph=True)
+    got, code = run_and_get_code(lambda: grads(compiled, torch.float32))
+    code = "\n".join(code)
+    assert "_bwd_dq_inner" in code and "GRAD_LSE" in code
+    assert "inductor_flex.flex_backward" not in code
+
+    def math(q, k, v):
+        return math_attention(q, k, v, score_mod, block_mask)[:2]
+
+    ref, low = grads(math, torch.float64), grads(math, torch.float32)
+    for name, a, r, lo in zip(("dq", "dk", "dv"), got, ref, low):
+        assert_close_to_reference(a, r, lo, torch.float32, name)
 
 
 def test_learned_captured_tensors_keep_the_custom_op(interpreted_inductor):
