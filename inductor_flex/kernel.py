@@ -670,7 +670,12 @@ class _KernelForward(torch.autograd.Function):
         n_score = len(plan.score.tensors)
         needs = ctx.needs_input_grad[4:]
         grad_caps = tuple(bool(n) and t.is_floating_point() for n, t in zip(needs[:n_score], captured[:n_score]))
-        bplan = BackwardPlan(plan, plan.score_mod, grad_caps, plan.opts)
+        # one backward plan per forward plan and set of captured-tensor grads: a training loop's
+        # steps reuse it (its render is cached too, but building it again is host time every step)
+        bplans = plan.__dict__.setdefault("_bplans", {})
+        bplan = bplans.get(grad_caps)
+        if bplan is None:
+            bplan = bplans[grad_caps] = BackwardPlan(plan, plan.score_mod, grad_caps, plan.opts)
         dq, dk, dv, cap_grads = run_backward(bplan, query, key, value, out, lse, g_out, g_lse, grad_caps)
         cap_grads = list(cap_grads) + [None] * (len(captured) - len(cap_grads))
         qkv = [g if need else None for g, need in zip((dq, dk, dv), ctx.needs_input_grad[1:4])]

@@ -242,3 +242,47 @@ def test_backward_with_refined_block_mask(shape):
     assert cached_plan(q, kv, kv.new_empty(B, Hkv, Lkv, Ev), None, bm, None,
                        validate_kernel_options(TRITON)).block_mask.BLOCK_SIZE == (64, 64)
     check_backward(shape, torch.float32, None, bm)
+
+
+def test_backward_plan_is_built_once_per_forward_plan(monkeypatch):
+    """A training loop's backward reuses its rendered plan: one BackwardPlan over several steps (and
+    a second one only for another set of captured-tensor gradients), with unchanged gradients."""
+    import inductor_flex.backward as BW
+
+    built = []
+    real = BW.BackwardPlan
+
+    class Counting(real):
+        def __init__(self, *a, **kw):
+            built.append(a[2])  # grad_caps
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(BW, "BackwardPlan", Counting)
+    dims = SHAPES["odd37_E40"]
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    score_mod, block_mask = make_variant("causal", Lq, Lkv, Hq, "cpu")
+    q, k, v = make_inputs(dims, torch.float32, "cpu", requires_grad=True)
+    g = torch.randn(B, Hq, Lq, Ev)
+    slopes = torch.rand(Hq, requires_grad=True)
+
+    def grads(mod, wrt):
+        out = flex_attention(q, k, v, score_mod=mod, block_mask=block_mask, kernel_options=TRITON)
+        return torch.autograd.grad(out, wrt, g)
+
+    first = grads(None, (q, k, v))
+    for _ in range(2):
+        again = grads(None, (q, k, v))
+    assert len(built) == 1
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+    table = {"slopes": slopes.detach()}
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + table["slopes"][h] * (kv_idx - q_idx)
+
+    grads(alibi, (q, k, v))
+    grads(alibi, (q, k, v))
+    table["slopes"] = slopes  # now learned: the slopes' gradient takes another backward plan
+    grads(alibi, (q, k, v, slopes))
+    grads(alibi, (q, k, v, slopes))
+    assert built[1:] == [(False,), (True,)]
