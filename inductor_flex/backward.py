@@ -3,10 +3,11 @@
 Given the forward's plan (its printed mods and BlockMask) and the saved out / lse, this runs
 two kernels: dQ (one program per query tile and query head), which also computes
 delta = rowsum(dO * O) - dLSE from its dO tile and stores it, then dK/dV (one program per kv tile
-and kv head, looping over the query heads of its GQA group, so no atomics), which reads delta. Gradients of tensors the score_mod captured (a bias table, ALiBi slopes, ...) are
-atomically added in the dQ kernel, where each score is visited exactly once; with
-kernel_options DETERMINISTIC=True they come from the chunked math path instead (bitwise
-reproducible, slower). The same template source runs in Triton's interpreter on CPU.
+and kv head, looping over the query heads of its GQA group, so no atomics), which reads delta.
+Gradients of tensors the score_mod captured (a bias table, ALiBi slopes, ...) are atomically
+added in the dQ kernel, where each score is visited exactly once; with kernel_options
+DETERMINISTIC=True they come from the chunked math path instead (bitwise reproducible, slower).
+The same template source runs in Triton's interpreter on CPU.
 """
 from __future__ import annotations
 
