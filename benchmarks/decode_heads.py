@@ -2,7 +2,7 @@
 """Decode variants the default plan does not take, timed in one process under do_bench's L2 flush
 (B=8, Hq=32, Hkv=8, D=128, bf16, S=8192 and 65536): query heads per program (the whole GQA group of
 4 by default; 2 or 1 read each K/V tile from more programs) x split count x BLOCK_N / stages,
-against SDPA. Each variant's output is checked against SDPA's. Writes $OUT/decode_heads.json.
+against SDPA; prints each variant's largest difference from SDPA's output. Writes $OUT/decode_heads.json.
 
     python benchmarks/decode_heads.py
 """
