@@ -315,11 +315,22 @@ def _free(device):
 
 
 # ------------------------------------------------------------------------------------- one config
+def _eager_forward_tunings() -> dict:
+    """The eager forward autotuner's picks so far (key -> Config): which tile config ours ran."""
+    try:
+        from inductor_flex import kernel as K
+
+        return dict(K._autotuned)
+    except Exception:  # noqa: BLE001 - a benchmark annotation, never a failure
+        return {}
+
+
 def run_peer(peer: str, case: Case, q, k, v, dout, device, args, pairs: int, B: int, H: int, D: int,
              outputs: Dict[str, torch.Tensor]) -> dict:
     S = case.S
     fwd_flops = 4.0 * B * H * D * pairs
     r = {"peer": peer, "status": "ok", "fwd_flops": fwd_flops, "fwdbwd_flops": BWD_FLOP_FACTOR * fwd_flops}
+    tuned_before = _eager_forward_tunings()
     t0 = time.perf_counter()
     try:
         fn, reason = make_peer(peer, case, S, device, args)
@@ -354,6 +365,10 @@ def run_peer(peer: str, case: Case, q, k, v, dout, device, args, pairs: int, B: 
         r["peak_fwd_mb"] = peak_mb(fwd, device)
         r["fwd_ms"] = bench_ms(fwd, device, args)
         r["fwd_tflops"] = tflops(fwd_flops, r["fwd_ms"])
+        picked = [str(c) for key, c in _eager_forward_tunings().items() if key not in tuned_before]
+        if picked:
+            r["forward_configs"] = picked
+            print(f"    {peer} forward config: {', '.join(picked)}", flush=True)
     except Exception as e:  # noqa: BLE001
         r["fwd_error"] = short_error(e)
         r["fwd_traceback"] = traceback.format_exc(limit=6)

@@ -30,7 +30,9 @@ from .mods import FlexModError, TensorIndexMode, explain_mod_error, mod_name, no
 from .printer import HELPERS, PrintedMod, identity_mod, print_mod
 from .validation import use_fast_tanh
 
-from inductor_flex.lowering.configs import Config, autotune_pays, forward_configs, head_pad, user_config
+from inductor_flex.lowering.configs import (
+    Config, autotune_pays, filter_warp_specialize, forward_configs, head_pad, user_config,
+)
 from inductor_flex.templates import render
 
 log = logging.getLogger("inductor_flex")
@@ -359,6 +361,7 @@ class ForwardPlan:
         if self.candidates is None:
             self.candidates = _config_cache[ckey] = forward_configs(
                 E, Ev, query.dtype, self.block_mask.BLOCK_SIZE, self.device, self.interpret)
+        self.candidates = filter_warp_specialize(self.candidates, opts, ws_applies(self))
         self.pinned = user_config(opts, self.candidates[0])
         if self.pinned is not None:
             q_bs, kv_bs = self.block_mask.BLOCK_SIZE
@@ -513,6 +516,11 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
     has_score_mod = plan.has_score_mod or not plan.scale > 0
     qk_scale = plan.scale if has_score_mod else plan.scale * log2e
     mod_args = plan.score.args_for(plan.score.tensors) + plan.mask.args_for(plan.mask.tensors)
+    # the warp-specialized loop reads Q, K and V through TMA as row matrices; otherwise the config
+    # runs unspecialized
+    ws = bool(cfg.warp_specialize) and all(tma_eligible(t) and rows_layout(t) for t in (query, key, value))
+    if ws:
+        compat.ensure_triton_allocator()
     args = (
         query, key, value, out, lse, mx, kv_num, kv_idx, full_num, full_idx,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
@@ -528,7 +536,8 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
         DENSE=dense, HAS_FULL=True,
         # a float32 O from 16-bit inputs is the backward's (see _KernelForward): make it float32-exact
         SPLIT_P=out.dtype == torch.float32 and query.dtype != torch.float32,
-        USE_TMA=use_tma(plan.opts, key, value),
+        USE_TMA=ws or use_tma(plan.opts, key, value),
+        WARP_SPECIALIZE=ws,
     )
     grid = (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq)
     return grid, args, constexprs
@@ -538,6 +547,21 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
 # and 5-12% slower at S=1024, where each program's descriptor setup is a larger share
 # (benchmarks/results/h100_2026-11-27_tma.md)
 TMA_DEFAULT = False
+
+
+def ws_applies(plan: ForwardPlan) -> bool:
+    """Whether the warp-specialized forward can build for this plan: no BlockMask (Triton's Hopper
+    pass rejects the BlockMask walk's index loads and its two loops) and no captured tensors
+    (it has no producer for a mod's pointer loads inside the loop)."""
+    return plan.user_block_mask is None and not plan.score.tensors
+
+
+def rows_layout(t: torch.Tensor) -> bool:
+    """Whether row m of head (b, h) of a [B, H, L, D] tensor sits at row (b * H + h) * L + m of one
+    [B * H * L, D] matrix (strides permitting), with fewer than 2^31 rows (TMA coordinates are int32)."""
+    B, H, L, _ = t.shape
+    sb, sh, sl, _ = t.stride()
+    return (B * H * L < 2 ** 31 and (H == 1 or sh == L * sl) and (B == 1 or sb == H * L * sl))
 
 
 def tma_eligible(t: torch.Tensor) -> bool:
@@ -624,7 +648,7 @@ def _pick_config(plan: ForwardPlan, launch, query, key, value) -> Config:
     if plan.interpret or len(plan.candidates) == 1 or not autotune_pays(B, Hq, Lq, key.shape[2]):
         return plan.candidates[0]
     tune_key = (plan.source, str(query.dtype), E, value.shape[-1], plan.block_mask.BLOCK_SIZE,
-                _bucket(Lq), _bucket(key.shape[2]), _bucket(B * Hq), query.device.index)
+                _bucket(Lq), _bucket(key.shape[2]), _bucket(B * Hq), query.device.index, tuple(plan.candidates))
     cfg = _autotuned.get(tune_key)
     if cfg is not None:
         return cfg

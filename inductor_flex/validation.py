@@ -36,6 +36,8 @@ KNOWN_KERNEL_OPTIONS = {
     "SPECIALIZE_LAYOUT": bool,
     # the forward kernel loads K/V tiles through TMA tensor descriptors (default: kernel.py use_tma)
     "USE_TMA": bool,
+    # warp-specialized forward configs (Hopper): False never, True only them, absent: autotuning picks
+    "WARP_SPECIALIZE": bool,
 }
 
 

@@ -1,6 +1,6 @@
 """Block-size configurations for the flex kernels, per (head dims, dtype, GPU arch).
 
-A config is (BLOCK_M, BLOCK_N, num_warps, num_stages). The candidates are pruned by the
+A config is (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]). The candidates are pruned by the
 BlockMask's block sizes (the kernel's tiles must divide them) and by the device's shared memory,
 so autotuning never meets an "out of resource" failure.
 """
@@ -16,6 +16,9 @@ class Config(NamedTuple):
     BLOCK_N: int
     num_warps: int
     num_stages: int
+    # forward only: K/V through TMA and the kv loop split by Triton into a load warp group and
+    # the compute warps (tl.range(warp_specialize=True); Hopper, 16-bit, K/V that TMA can read)
+    warp_specialize: bool = False
 
 
 def next_pow2(x: int) -> int:
@@ -31,6 +34,15 @@ _FWD_CANDIDATES = {
     64: [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 4), Config(64, 128, 4, 3)],
     128: [Config(128, 64, 8, 3), Config(128, 64, 4, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 4, 3)],
     256: [Config(64, 32, 4, 2), Config(64, 64, 4, 2), Config(128, 32, 8, 2), Config(32, 32, 4, 2)],
+}
+# Warp-specialized forward candidates (sm_90, 16-bit inputs). Triton 3.6's Hopper warp
+# specialization wants 4 compute warps; 128 x 128 with 2 stages measured 534 TFLOP/s on a plain
+# D=128 forward where the best unspecialized config of the same kernel gave 480 (H100,
+# benchmarks/results/h100_2026-11-27_ws_probe.json). 128 x 64 tiles gave NaN there: a
+# miscompile, so they are not candidates.
+_FWD_WS_CANDIDATES = {
+    64: [Config(128, 128, 4, 2, True)],
+    128: [Config(128, 128, 4, 2, True)],
 }
 _INTERPRETER_CONFIG = Config(16, 16, 1, 1)
 # below this many (query, key) pairs summed over batch and heads a kernel runs in microseconds, so
@@ -58,6 +70,20 @@ def max_shared_memory(device: torch.device) -> int:
         return 99 * 1024
 
 
+def warp_specialize_supported(device: torch.device) -> bool:
+    """Hopper GPU and a Triton whose tl.range takes warp_specialize (3.4 on)."""
+    try:
+        import inspect
+
+        import triton.language as tl
+
+        if "warp_specialize" not in inspect.signature(tl.range.__init__).parameters:
+            return False
+        return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def forward_configs(qk_head: int, v_head: int, dtype: torch.dtype, sparse_block: Tuple[int, int],
                     device: torch.device, interpret: bool = False) -> List[Config]:
     """Candidate configs, best guess first, valid for this BlockMask and device."""
@@ -71,11 +97,16 @@ def forward_configs(qk_head: int, v_head: int, dtype: torch.dtype, sparse_block:
     elem = 4 if dtype == torch.float32 else 2
     limit = max_shared_memory(device)
     out = []
-    for cfg in _FWD_CANDIDATES[key]:
+    candidates = list(_FWD_CANDIDATES[key])
+    if dtype in (torch.float16, torch.bfloat16) and key in _FWD_WS_CANDIDATES and warp_specialize_supported(device):
+        candidates += _FWD_WS_CANDIDATES[key]
+    for cfg in candidates:
         bm, bn = min(cfg.BLOCK_M, q_bs), min(cfg.BLOCK_N, kv_bs)
         if q_bs % bm or kv_bs % bn:
             continue
-        c = Config(bm, bn, cfg.num_warps, cfg.num_stages)
+        if cfg.warp_specialize and (bm, bn) != (cfg.BLOCK_M, cfg.BLOCK_N):
+            continue  # only the measured tile
+        c = Config(bm, bn, cfg.num_warps, cfg.num_stages, cfg.warp_specialize)
         if dtype == torch.float32:  # fp32 tiles are twice the bytes: halve the kv tile
             c = Config(c.BLOCK_M, max(16, c.BLOCK_N // 2), c.num_warps, min(c.num_stages, 2))
         if _smem_bytes(c, head_pad(qk_head), head_pad(v_head), elem) <= limit and c not in out:
@@ -150,4 +181,14 @@ def user_config(opts: dict, default: Config) -> Optional[Config]:
     keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
     if not any(k in opts for k in keys):
         return None
-    return Config(*(opts.get(k, getattr(default, k)) for k in keys))
+    return Config(*(opts.get(k, getattr(default, k)) for k in keys), bool(opts.get("WARP_SPECIALIZE", False)))
+
+
+def filter_warp_specialize(configs: List[Config], opts: dict, applies: bool = True) -> List[Config]:
+    """kernel_options WARP_SPECIALIZE: False drops the warp-specialized candidates, True keeps only
+    them (when there are any), absent lets autotuning choose; none where they do not apply."""
+    flag = opts.get("WARP_SPECIALIZE") if applies else False
+    if flag is None:
+        return configs
+    kept = [c for c in configs if c.warp_specialize == bool(flag)]
+    return kept or [c for c in configs if not c.warp_specialize]

@@ -55,12 +55,13 @@ def flex_forward(
     fast_tanh: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from inductor_flex import kernel as K
-    from inductor_flex.lowering.configs import Config, forward_configs
+    from inductor_flex.lowering.configs import Config, filter_warp_specialize, forward_configs
 
     plan = _plan_shell(query, key, value, [kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices],
                        score_tensors, mask_tensors, source, has_score_mod, scale, block_size, fast_tanh)
-    plan.candidates = forward_configs(query.shape[-1], value.shape[-1], query.dtype, plan.block_mask.BLOCK_SIZE,
-                                      query.device, plan.interpret)
+    plan.candidates = filter_warp_specialize(
+        forward_configs(query.shape[-1], value.shape[-1], query.dtype, plan.block_mask.BLOCK_SIZE, query.device,
+                        plan.interpret), {}, K.ws_applies(plan))
     plan.pinned = Config(*pinned) if pinned else None
     return K.run_forward(plan, query, key, value)
 

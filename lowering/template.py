@@ -397,7 +397,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPARSE_Q=sparse[0], SPARSE_KV=sparse[1],
             EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M), EVEN_N=even_n,
             DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"', DENSE=dense, HAS_FULL=has_full,
-            SPLIT_P=False, USE_TMA=False,
+            SPLIT_P=False, USE_TMA=False, WARP_SPECIALIZE=False,
         ) or error
     if not choices:
         raise RuntimeError(f"inductor_flex: no forward template config could be generated: {error}")

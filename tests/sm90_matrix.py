@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from cases import SHAPES, VARIANTS, make_inputs, make_variant  # noqa: E402
 from inductor_flex import kernel as K  # noqa: E402
 from inductor_flex import aot  # noqa: E402
-from inductor_flex.lowering.configs import backward_configs, forward_configs  # noqa: E402
+from inductor_flex.lowering.configs import Config, backward_configs, forward_configs  # noqa: E402
 
 K.SPECIALIZE_MIN_LEN = 1  # the GPU labels compile the layout-specialized kernels at these short lengths too
 
@@ -35,6 +35,8 @@ def specializations():
         yield variant, "odd37_E40", torch.bfloat16, "gpu"
         # K/V through TMA descriptors
         yield variant, "odd37_E40", torch.bfloat16, "gpu-tma"
+        # TMA and the warp-specialized kv loop (Hopper autotuning's extra candidate)
+        yield variant, "odd37_E40", torch.bfloat16, "gpu-ws"
     # the default for 16-bit inputs on the GPU: tanh as inline tanh.approx.f32 (never interpreted)
     yield "softcap", "odd37_E40", torch.bfloat16, "gpu-fast_tanh"
 
@@ -52,16 +54,19 @@ def compile_one(job):
     if not which.endswith("fast_tanh"):
         opts["FAST_TANH"] = False
     opts["USE_TMA"] = which.endswith("tma")
+    ws = which.endswith("ws")
     plan = K.ForwardPlan(q, k, v, score_mod, block_mask, None, opts)
     assert ("stride_qm: tl.constexpr" in plan.source) == opts["SPECIALIZE_LAYOUT"]
     if variant == "softcap":
         assert ("_tanh_approx(" in plan.source.split("# ---- hooks")[1]) == which.endswith("fast_tanh")
     bs = plan.block_mask.BLOCK_SIZE
     cfg = forward_configs(E, Ev, dtype, bs, q.device, interpret=(which == "interp"))[0]
+    if ws:  # forward_configs adds it only on a Hopper device
+        cfg = Config(min(128, bs[0]), min(128, bs[1]), 4, 2, True)
     out = torch.empty(B, Hq, Lq, Ev, dtype=dtype)
     lse = torch.empty(B, Hq, Lq)
     grid, args, consts = K.forward_launch(plan, q, k, v, out, lse, lse, cfg)
-    assert consts["USE_TMA"] == opts["USE_TMA"]
+    assert consts["USE_TMA"] == (opts["USE_TMA"] or ws) and consts["WARP_SPECIALIZE"] == ws
     module = K.load_module(plan.source, False)
     t = time.time()
     ok, msg = compile_launches(module, [("flex_fwd_kernel", args, consts, cfg.num_warps, cfg.num_stages)])

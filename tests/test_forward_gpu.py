@@ -50,6 +50,53 @@ def test_forward_gpu_tma(variant, shape):
     assert_close_to_reference(lse, ref_lse, low_lse, torch.bfloat16, "lse")
 
 
+WS_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "WARP_SPECIALIZE": True}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", ["odd37_E40", "S777_S1500_D96", "gqa4x2_E64_Ev32", "S1000_D128_gqa"])
+@pytest.mark.parametrize("variant", ["noop", "alibi", "softcap", "head_scale", "score_squared", "trig"])
+def test_forward_gpu_warp_specialized(variant, shape, dtype):
+    """The warp-specialized config (Hopper autotuning's extra candidate for calls without a BlockMask)
+    pinned, checked to have launched specialized, against the float64 reference."""
+    from inductor_flex import kernel as K
+    from inductor_flex.lowering.configs import warp_specialize_supported
+
+    if not warp_specialize_supported(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU and a Triton with tl.range(warp_specialize=...)")
+    B, Hq, Hkv, Lq, Lkv, E, Ev = GPU_SHAPES[shape]
+    q, k, v = make_inputs(GPU_SHAPES[shape], dtype, "cuda")
+    score_mod, _ = make_variant(variant, Lq, Lkv, Hq, "cuda")  # its score_mod alone: no BlockMask
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, enable_gqa=Hq != Hkv, return_lse=True,
+                              kernel_options=dict(WS_OPTIONS))
+    plan = K.cached_plan(q, k, v, score_mod, None, None, validate_kernel_options(dict(WS_OPTIONS)))
+    assert plan.config.warp_specialize
+    _, _, consts = K.forward_launch(plan, q, k, v, out, lse, lse, plan.config)
+    assert consts["WARP_SPECIALIZE"] and consts["USE_TMA"]
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod)
+    low_out, low_lse, _ = math_attention(q, k, v, score_mod)
+    assert not torch.isnan(out).any()
+    assert_close_to_reference(out, ref_out, low_out, dtype, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, dtype, "lse")
+
+
+def test_forward_gpu_warp_specialized_config_on_other_layouts_runs_unspecialized():
+    """[B, L, H, D] storage cannot be read as one row matrix: the pinned config then launches the
+    plain loop, and the answer stays right."""
+    from inductor_flex import kernel as K
+
+    B, H, L, D = 2, 4, 300, 64
+    q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    out = flex_attention(q, k, v, kernel_options=dict(WS_OPTIONS))
+    plan = K.cached_plan(q, k, v, None, None, None, validate_kernel_options(dict(WS_OPTIONS)))
+    assert plan.config.warp_specialize
+    _, _, consts = K.forward_launch(plan, q, k, v, out, out, out, plan.config)
+    assert not consts["WARP_SPECIALIZE"]
+    ref, _, _ = math_attention(q.double(), k.double(), v.double())
+    low, _, _ = math_attention(q, k, v)
+    assert_close_to_reference(out, ref, low, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32], ids=["fp32"])
 def test_forward_gpu_fp32(dtype):
     shape = (1, 4, 4, 300, 300, 64, 64)

@@ -1,0 +1,52 @@
+"""lowering/configs.py and the forward's warp-specialization rules (inductor_flex/kernel.py): which
+candidates a call may time, and which layouts the specialized kernel may read."""
+import torch
+
+from inductor_flex import create_block_mask
+from inductor_flex import kernel as K
+from inductor_flex.lowering.configs import Config, filter_warp_specialize, forward_configs, warp_specialize_supported
+from inductor_flex.variants import generate_alibi_bias, generate_causal_mask
+
+PLAIN = Config(128, 64, 8, 3)
+WS = Config(128, 128, 4, 2, True)
+
+
+def test_warp_specialized_candidates_follow_the_option():
+    both = [PLAIN, WS]
+    assert filter_warp_specialize(both, {}) == both
+    assert filter_warp_specialize(both, {"WARP_SPECIALIZE": False}) == [PLAIN]
+    assert filter_warp_specialize(both, {"WARP_SPECIALIZE": True}) == [WS]
+    # where it cannot build, the option is overridden; asking for it then leaves the plain ones
+    assert filter_warp_specialize(both, {"WARP_SPECIALIZE": True}, applies=False) == [PLAIN]
+    assert filter_warp_specialize([PLAIN], {"WARP_SPECIALIZE": True}) == [PLAIN]
+
+
+def test_no_warp_specialization_off_hopper():
+    assert not warp_specialize_supported(torch.device("cpu"))
+    configs = forward_configs(128, 128, torch.bfloat16, (128, 128), torch.device("cpu"))
+    assert configs and not any(c.warp_specialize for c in configs)
+    assert Config(1, 2, 3, 4) == Config(1, 2, 3, 4, False)  # four-field configs stay unspecialized
+
+
+def test_rows_layout():
+    t = torch.empty(2, 3, 40, 64)
+    assert K.rows_layout(t)
+    assert not K.rows_layout(t.transpose(1, 2).contiguous().transpose(1, 2))  # [B, L, H, D] storage
+    assert not K.rows_layout(t[:, :, :33])  # a slice of the length: heads 40 rows apart, not 33
+    assert K.rows_layout(t[:1, :1, :33])  # one head: only its own rows are read
+    assert not K.rows_layout(t[:, :1])  # one head of three, two batches: batch stride 3 heads
+
+
+def test_warp_specialization_applies_only_without_block_mask_or_captured_tensors():
+    q = torch.randn(1, 2, 256, 64)
+    kv = torch.randn(1, 2, 256, 64)
+
+    def plan(score_mod=None, block_mask=None):
+        return K.ForwardPlan(q, kv, kv, score_mod, block_mask, None, {"BACKEND": "TRITON"})
+
+    assert K.ws_applies(plan())
+    assert K.ws_applies(plan(generate_alibi_bias(2)))  # slopes computed from h: nothing captured
+    bias = torch.randn(2)
+    assert not K.ws_applies(plan(lambda s, b, h, qi, ki: s + bias[h]))
+    causal = create_block_mask(generate_causal_mask(), None, None, 256, 256, device="cpu")
+    assert not K.ws_applies(plan(None, causal))
