@@ -516,9 +516,11 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
     has_score_mod = plan.has_score_mod or not plan.scale > 0
     qk_scale = plan.scale if has_score_mod else plan.scale * log2e
     mod_args = plan.score.args_for(plan.score.tensors) + plan.mask.args_for(plan.mask.tensors)
-    # the warp-specialized loop reads Q, K and V through TMA as row matrices; otherwise the config
-    # runs unspecialized
-    ws = bool(cfg.warp_specialize) and all(tma_eligible(t) and rows_layout(t) for t in (query, key, value))
+    # the warp-specialized loop reads Q, K and V through TMA as row matrices; otherwise (or where it
+    # cannot build, also when pinned through kernel_options) the config runs unspecialized
+    ws = (bool(cfg.warp_specialize) and not plan.interpret and ws_applies(plan)
+          and query.dtype in (torch.float16, torch.bfloat16)
+          and all(tma_eligible(t) and rows_layout(t) for t in (query, key, value)))
     if ws:
         compat.ensure_triton_allocator()
     args = (

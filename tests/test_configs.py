@@ -50,3 +50,22 @@ def test_warp_specialization_applies_only_without_block_mask_or_captured_tensors
     assert not K.ws_applies(plan(lambda s, b, h, qi, ki: s + bias[h]))
     causal = create_block_mask(generate_causal_mask(), None, None, 256, 256, device="cpu")
     assert not K.ws_applies(plan(None, causal))
+
+
+def test_a_pinned_warp_specialized_config_launches_plain_where_it_cannot_build():
+    q = torch.randn(1, 2, 256, 64, dtype=torch.bfloat16)
+    causal = create_block_mask(generate_causal_mask(), None, None, 256, 256, device="cpu")
+    opts = {"BACKEND": "TRITON", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2,
+            "WARP_SPECIALIZE": True}
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 256)
+
+    def launched_specialized(block_mask, dtype=torch.bfloat16):
+        x = q.to(dtype)
+        plan = K.ForwardPlan(x, x, x, None, block_mask, None, opts)
+        plan.interpret = False  # as on the GPU: the interpreter alone never specializes
+        assert plan.pinned.warp_specialize
+        return K.forward_launch(plan, x, x, x, out.to(dtype), lse, lse, plan.pinned)[2]["WARP_SPECIALIZE"]
+
+    assert launched_specialized(None)
+    assert not launched_specialized(causal)
+    assert not launched_specialized(None, torch.float32)
