@@ -58,7 +58,7 @@ WS_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "
 @pytest.mark.parametrize("variant", ["noop", "alibi", "softcap", "head_scale", "score_squared", "trig"])
 def test_forward_gpu_warp_specialized(variant, shape, dtype):
     """The warp-specialized config (Hopper autotuning's extra candidate for calls without a BlockMask)
-    pinned, checked to have launched specialized, against the float64 reference."""
+    pinned, checked to have launched specialized where it applies, against the float64 reference."""
     from inductor_flex import kernel as K
     from inductor_flex.lowering.configs import warp_specialize_supported
 
@@ -72,7 +72,9 @@ def test_forward_gpu_warp_specialized(variant, shape, dtype):
     plan = K.cached_plan(q, k, v, score_mod, None, None, validate_kernel_options(dict(WS_OPTIONS)))
     assert plan.config.warp_specialize
     _, _, consts = K.forward_launch(plan, q, k, v, out, lse, lse, plan.config)
-    assert consts["WARP_SPECIALIZE"] and consts["USE_TMA"]
+    # head_scale reads a captured tensor: the pinned config then runs the plain loop (kernel.ws_applies)
+    assert consts["WARP_SPECIALIZE"] == (variant != "head_scale")
+    assert consts["USE_TMA"] == consts["WARP_SPECIALIZE"]
     ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod)
     low_out, low_lse, _ = math_attention(q, k, v, score_mod)
     assert not torch.isnan(out).any()
