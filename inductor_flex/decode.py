@@ -24,7 +24,8 @@ from . import compat
 from .block_mask import BlockMask
 from .launch import launch as launch_kernel
 from .kernel import (
-    _block_mask_args, _default_block_mask, _printed_mod, interpreter_enabled, load_module, template_hooks,
+    _block_mask_args, _constant, _default_block_mask, _printed_mod, interpreter_enabled, load_module,
+    template_hooks,
 )
 from .printer import PrintedMod
 from .validation import use_fast_tanh
@@ -61,6 +62,8 @@ def _fingerprint(obj, depth: int = 0):
         return ("tensor", id(obj))
     if depth > 4:
         return ("obj", id(obj))
+    if _constant(obj) is not None:  # a list of constants by its contents: the print bakes them in
+        return _constant(obj)
     if isinstance(obj, functools.partial):
         return ("partial", _fingerprint(obj.func, depth + 1),
                 tuple(_fingerprint(a, depth + 1) for a in obj.args),

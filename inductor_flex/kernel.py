@@ -7,6 +7,7 @@ closure over different tensor values) share one compiled kernel.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -63,31 +64,50 @@ class _CapturedTensors(TensorIndexMode):
         return out
 
 
-def _closure_scalars(fn) -> tuple:
-    cells = getattr(fn, "__closure__", None) or ()
-    out = []
-    for c in cells:
-        try:
-            v = c.cell_contents
-        except ValueError:
-            continue
-        if isinstance(v, (int, float, bool, str)):
-            out.append(v)
-    return tuple(out)
-
-
 _printed: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
 _SCALARS = (int, float, bool, str, type(None), torch.dtype)
 
 
-def _fingerprint(fn, depth: int = 0, seen=None) -> Optional[tuple]:
+def _constant(v) -> Optional[tuple]:
+    """A list / tuple (nested) of scalars by value, else None. Lists are keyed by their contents at
+    this call: a mod may index one with a Python int and bake the element into the kernel."""
+    if isinstance(v, (list, tuple)) and len(v) <= 4096:
+        out = []
+        for x in v:
+            if isinstance(x, _SCALARS):
+                out.append(x)
+            else:
+                sub = _constant(x)
+                if sub is None:
+                    return None
+                out.append(sub)
+        return (type(v).__name__, tuple(out))
+    return None
+
+
+def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Optional[tuple]:
     """(scalars, tensors) everything ``fn`` can read: its closure cells, the globals its code names,
     and the same of the functions among them. None when something opaque is reachable (an object
-    whose attributes might hold tensors), in which case the mod must be run to see what it reads."""
+    whose attributes might hold tensors), in which case the mod must be run to see what it reads;
+    with opaque_ok such an object adds the constants its attributes named in the code hold instead
+    (the key of a print found by running the mod)."""
     seen = set() if seen is None else seen
     if id(fn) in seen:
         return (), ()
     seen.add(id(fn))
+    if isinstance(fn, functools.partial) and depth <= 6:
+        inner = _fingerprint(fn.func, depth + 1, seen, opaque_ok)
+        if inner is None:
+            return None
+        scalars, tensors = list(inner[0]), list(inner[1])
+        for name, v in list(enumerate(fn.args)) + sorted(fn.keywords.items()):
+            if isinstance(v, torch.Tensor):
+                tensors.append(v)
+            elif isinstance(v, _SCALARS) or _constant(v) is not None:
+                scalars.append((name, v if isinstance(v, _SCALARS) else _constant(v)))
+            else:
+                return None
+        return tuple(scalars), tuple(tensors)
     code = getattr(fn, "__code__", None)
     if code is None or depth > 6 or getattr(fn, "__self__", None) is not None:
         return None
@@ -109,16 +129,24 @@ def _fingerprint(fn, depth: int = 0, seen=None) -> Optional[tuple]:
             tensors.append(v)
         elif isinstance(v, _SCALARS):
             scalars.append(v)
-        elif isinstance(v, tuple) and all(isinstance(x, _SCALARS) for x in v):
-            scalars.append(v)
+        elif _constant(v) is not None:
+            scalars.append(_constant(v))
         elif callable(v) and hasattr(v, "__code__"):
-            sub = _fingerprint(v, depth + 1, seen)
+            sub = _fingerprint(v, depth + 1, seen, opaque_ok)
             if sub is None:
                 return None
             scalars.append((v.__code__, sub[0]))
             tensors.extend(sub[1])
         elif not isinstance(v, type) and callable(v) and (getattr(v, "__module__", None) or "").startswith("torch"):
             continue  # torch's own functions hold no tensors of the caller's (classes may: not exempt)
+        elif opaque_ok:
+            attrs = []
+            for co in codes:
+                for name in co.co_names:
+                    a = getattr(v, name, None) if not isinstance(v, torch.Tensor) else None
+                    if isinstance(a, _SCALARS) or _constant(a) is not None:
+                        attrs.append((name, a if isinstance(a, _SCALARS) else _constant(a)))
+            scalars.append(("obj", id(v), tuple(attrs)))
         else:
             return None
     return tuple(scalars), tuple(tensors)
@@ -164,7 +192,11 @@ def _printed_mod_slow(fn: Callable, kind: str, device: torch.device, fast_tanh: 
                 ) from e
         raise explain_mod_error(fn, kind, e) from e
     live = [t for t in rec.seen if id(t) not in inputs]
-    key = (kind, device.type, fast_tanh, _closure_scalars(fn), getattr(fn, "__code__", None))
+    # keyed by every constant the mod can reach (closures, globals, helpers, lists, attributes it
+    # names): a print bakes them in
+    reach = _fingerprint(fn, opaque_ok=True)
+    # (a callable we cannot walk, e.g. an object with __call__, is keyed by identity alone)
+    key = (kind, device.type, fast_tanh, reach[0] if reach is not None else None, getattr(fn, "__code__", None))
     try:
         per_fn = _printed.setdefault(fn, {})
     except TypeError:  # not weak-referenceable: no caching

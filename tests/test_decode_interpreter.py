@@ -55,6 +55,20 @@ def test_decode_splits_fp32(variant, split):
     check(q, k, v, score_mod, block_mask, opts={**DECODE, "SPLIT_KV": split})
 
 
+def test_mod_reaching_a_changed_list_gets_a_new_plan():
+    # the plan cache keys a list of constants by its contents: the print bakes them in
+    q, k, v = make_inputs((1, 4, 2, 1, 67, 32, 32), torch.float16, "cpu")
+    weights = [0.0, 0.0]
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + weights[0] * (kv_idx < 20) + weights[1] * (kv_idx >= 40)
+
+    first, _ = check(q, k, v, mod)
+    weights[0], weights[1] = 4.0, -3.0
+    second, _ = check(q, k, v, mod)
+    assert (first - second).abs().max() > 1e-2
+
+
 def test_per_head_block_mask_is_not_packed():
     # a BlockMask that differs per query head: each program takes one head
     Hq, Hkv, Lq, Lkv = 8, 2, 2, 131

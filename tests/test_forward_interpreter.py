@@ -147,6 +147,75 @@ def test_rebinding_a_captured_tensor_is_seen_without_rerunning_the_print():
     assert (third.double() - ref).abs().max() < 1e-5
 
 
+def test_mod_reaching_a_list_of_scalars_takes_the_fast_path_and_sees_changes():
+    # a list of constants (e.g. document boundaries) reached through a helper: the call must not run
+    # the mod on the device to learn what it reads (that cost 0.9 ms per call on the H100,
+    # benchmarks/mask_cost_probe.py "arith"), and a changed list must reprint it
+    from inductor_flex import kernel as K
+
+    q, k, v = make_inputs((1, 1, 1, 33, 33, 16, 16), torch.float32, "cpu")
+    bounds = [5, 17]
+
+    def seg(x):
+        d = x * 0
+        for s in bounds:
+            d = d + (x >= s).to(torch.int32)
+        return d
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + 2.0 * (seg(q_idx) == seg(kv_idx))
+
+    def check():
+        out = flex_attention(q, k, v, score_mod=mod, kernel_options=TRITON)
+        ref, _, _ = math_attention(q.double(), k.double(), v.double(), mod)
+        assert (out.double() - ref).abs().max() < 1e-5
+        return out
+
+    first = check()
+    slow = K._printed_mod_slow
+    calls = []
+    K._printed_mod_slow = lambda *a: calls.append(a) or slow(*a)
+    try:
+        check()
+        assert calls == []
+        bounds[1] = 9  # in place: same list object, new constants
+        assert (check() - first).abs().max() > 1e-3
+        assert len(calls) == 1
+    finally:
+        K._printed_mod_slow = slow
+
+
+def test_slow_path_print_sees_a_changed_global_scalar():
+    # a mod that reaches an opaque object is run at every call to find its tensors; its cached
+    # print must still be keyed by the scalars it reads (here a module global through a helper)
+    q, k, v = make_inputs((1, 1, 1, 17, 17, 16, 16), torch.float32, "cpu")
+
+    class Opaque:
+        pass
+
+    box = Opaque()
+    box.w = torch.ones(17)
+    _GLOBAL_SCALE[0] = 1.0
+
+    def helper(x):
+        return x * _GLOBAL_SCALE[0]
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return helper(score) + box.w[kv_idx]
+
+    outs = []
+    for scale in (1.0, 3.0):
+        _GLOBAL_SCALE[0] = scale
+        out = flex_attention(q, k, v, score_mod=mod, kernel_options=TRITON)
+        ref, _, _ = math_attention(q.double(), k.double(), v.double(), mod)
+        assert (out.double() - ref).abs().max() < 1e-5
+        outs.append(out)
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+_GLOBAL_SCALE = [1.0]
+
+
 def test_printed_mask_loads_each_captured_value_once():
     """The printer reuses repeated expressions: a document mask reads ids[q_idx] and ids[kv_idx]
     once each (the traced graph indexes them twice), and the never-negative q_idx / kv_idx index
