@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Eager forward A/B of the warp-specialized config in one process: each score_mod timed with
-kernel_options WARP_SPECIALIZE True (only the specialized config) and False (never), alternating,
-then with autotuning free to choose (its log shows every candidate's time).
+"""Eager A/B of a boolean kernel option in one process: each score_mod timed with the option True
+and False, alternating (an H100 under sustained load slows by several percent within a run), then
+with the option left to its default. By default the option is WARP_SPECIALIZE (True: only the
+warp-specialized forward config, False: never; default: autotuning chooses, its log shows every
+candidate's time).
 
     python benchmarks/ws_ab.py [--cases noop,alibi,softcap] [--S 4096 --B 4]
+    python benchmarks/ws_ab.py --option SEPARABLE_SCORE_MOD --cases alibi --fwdbwd --base '{"WARP_SPECIALIZE": false}'
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 import torch
@@ -20,28 +24,45 @@ def main():
     ap.add_argument("--S", type=int, default=4096)
     ap.add_argument("--B", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--option", default="WARP_SPECIALIZE", help="the boolean kernel option to A/B")
+    ap.add_argument("--base", default="{}", help="JSON kernel_options applied to every call")
+    ap.add_argument("--fwdbwd", action="store_true", help="also time forward+backward")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from inductor_flex import flex_attention
     from inductor_flex import variants as V
 
+    base = json.loads(args.base)
     mods = {"noop": None, "alibi": V.generate_alibi_bias(16), "softcap": V.generate_tanh_softcap(30.0)}
     B, H, S, D = args.B, 16, args.S, 128
-    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn_like(q)
     flops = 4 * B * H * S * S * D
+
+    def timed(mod, opts):
+        with torch.no_grad():
+            fwd = triton.testing.do_bench(lambda: flex_attention(q, k, v, score_mod=mod, kernel_options=opts),
+                                          warmup=25, rep=100, return_mode="median")
+        if not args.fwdbwd:
+            return f"{flops / fwd / 1e9:.1f}"
+
+        def step():
+            q.grad = k.grad = v.grad = None
+            flex_attention(q, k, v, score_mod=mod, kernel_options=opts).backward(dout)
+
+        fb = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+        return f"{flops / fwd / 1e9:.1f}/{3.5 * flops / fb / 1e9:.1f}"
+
     for name in args.cases.split(","):
         mod = mods[name]
         times = {True: [], False: []}
         for _ in range(args.rounds):
-            for ws in (True, False):
-                opts = {"WARP_SPECIALIZE": ws}
-                ms = triton.testing.do_bench(lambda: flex_attention(q, k, v, score_mod=mod, kernel_options=opts),
-                                             warmup=25, rep=100, return_mode="median")
-                times[ws].append(ms)
-        auto = triton.testing.do_bench(lambda: flex_attention(q, k, v, score_mod=mod), warmup=25, rep=100,
-                                       return_mode="median")
-        line = "  ".join(f"WS={ws}: " + ", ".join(f"{flops / t / 1e9:.1f}" for t in ts) for ws, ts in times.items())
-        print(f"{name:8s} TFLOP/s {line}  autotuned: {flops / auto / 1e9:.1f}", flush=True)
+            for flag in (True, False):
+                times[flag].append(timed(mod, {**base, args.option: flag}))
+        auto = timed(mod, dict(base))
+        line = "  ".join(f"{args.option}={flag}: " + ", ".join(ts) for flag, ts in times.items())
+        unit = "fwd/f+b TFLOP/s" if args.fwdbwd else "fwd TFLOP/s"
+        print(f"{name:8s} {unit} {line}  default: {auto}", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .kernel import _block_mask_args, fastest_config, load_module, template_hooks, triton_cdiv
+from .kernel import _block_mask_args, fastest_config, load_module, template_hooks, triton_cdiv, use_separable
 from .launch import launch as launch_kernel
 from .printer import PrintedMod, print_score_mod_backward
 from .reference import math_attention
@@ -138,7 +138,8 @@ class BackwardCall:
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             # no BlockMask: walk every tile with no block-index loads (5-8% of the backward kernels'
             # time on the H100, noop and ALiBi S=4096 against Inductor's dense render)
-            DENSE=plan.user_block_mask is None)
+            DENSE=plan.user_block_mask is None,
+            SEPARABLE=plan.has_score_mod and use_separable(plan.score, plan.opts, query.dtype))
 
     def preprocess(self) -> Launch:
         B, Hq, Lq, _ = self.q.shape

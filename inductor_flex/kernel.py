@@ -572,9 +572,22 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
         SPLIT_P=out.dtype == torch.float32 and query.dtype != torch.float32,
         USE_TMA=ws or use_tma(plan.opts, key, value),
         WARP_SPECIALIZE=ws,
+        SEPARABLE=use_separable(plan.score, plan.opts, query.dtype),
     )
     grid = (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq)
     return grid, args, constexprs
+
+
+def use_separable(score: PrintedMod, opts: dict, dtype: torch.dtype) -> bool:
+    """Whether the kernels take a separable score_mod as a * qk + key_bias, its row_bias folded into
+    the row's lse (printer._SeparablePrinter). kernel_options SEPARABLE_SCORE_MOD; by default for
+    16-bit inputs only: key_bias alone can be larger than the bias it is part of (ALiBi's
+    slope * kv against slope * (kv - q)), so its float32 rounding, about 2^-24 of it, reaches
+    ~1e-4 at positions in the thousands: far under a 16-bit P's rounding, not under float32's."""
+    if not score.separable:
+        return False
+    flag = opts.get("SEPARABLE_SCORE_MOD")
+    return dtype in (torch.float16, torch.bfloat16) if flag is None else bool(flag)
 
 
 # USE_TMA's default: off. On the H100 (triton 3.6) the descriptor loads measured level at S=4096

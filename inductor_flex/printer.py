@@ -11,6 +11,7 @@ padded row or column can never read out of bounds.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -21,6 +22,7 @@ from .joint_graph import derivative_is_bounded, fold_constant_factors
 from .mods import FlexModError, TensorIndexMode, explain_mod_error, mod_name
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
 TL_DTYPES = {
     torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32",
@@ -116,6 +118,8 @@ class PrintedMod:
     uses_fast_tanh: bool = False
     # score_mod_bwd only: d score = grad * (a factor finite wherever the score is); see joint_graph.py
     linear_grad: bool = False
+    # score_mod only: the source also has score_mod_parts / score_mod_row (_SeparablePrinter)
+    separable: bool = False
 
     def args_for(self, tensors: List[torch.Tensor]) -> list:
         out: list = []
@@ -764,15 +768,19 @@ def print_mod(fn: Callable, kind: str, device, fast_tanh: bool = False) -> Print
     body = p.run(names)
     params = ", ".join(list(names) + p.params)
     source = f"@triton.jit\ndef {kind}({params}):\n    # {mod_name(fn)}\n{body}\n"
+    separable = False
     if kind == "score_mod":
         source += _print_scaled(gm, fn, fast_tanh, p.params)
+        parts = _print_separable(gm, fn, fast_tanh, p.params)
+        source += parts
+        separable = bool(parts)
     for t in p.tensors:
         if t.device.type != torch.device(device).type:
             raise FlexModError(
                 f"{kind} '{mod_name(fn)}' captures a tensor on {t.device} but the inputs are on {device}; "
                 f"move the captured tensor to {device}"
             )
-    return PrintedMod(kind, source, p.tensors, p.params, p.used_fast_tanh)
+    return PrintedMod(kind, source, p.tensors, p.params, p.used_fast_tanh, separable=separable)
 
 
 def _print_scaled(gm, fn: Callable, fast_tanh: bool, params: List[str]) -> str:
@@ -786,6 +794,147 @@ def _print_scaled(gm, fn: Callable, fast_tanh: bool, params: List[str]) -> str:
         body = f"    return score_mod(qk * qk_scale, {args}), 1.0"
     head = ", ".join(["qk", "qk_scale", "b", "h", "q_idx", "kv_idx"] + params)
     return f"\n\n@triton.jit\ndef score_mod_scaled({head}):\n{body}\n"
+
+
+_AFFINE_PASS = {aten._to_copy.default, aten.to.dtype, prims.convert_element_type.default} | _ALIASES
+
+
+class _SeparablePrinter(_Printer):
+    """Finds whether a score_mod is c * score + n(kv) + m(q): c constant over the tile (a number,
+    or a function of b and h), n varying only along the keys and m only along the queries. Each
+    value is tracked as such a sum of printed parts (codes; None for zero) while the mod prints."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.parts: Dict[torch.fx.Node, Optional[tuple]] = {}
+
+    def _float(self, v: Value) -> str:
+        if _is_float(v.dtype):
+            return v.code
+        return self.float_form(v) or f"({v.code}).to(tl.float32)"
+
+    def part_of(self, a) -> Optional[tuple]:
+        """(c, n, m) codes of an argument, or None when it varies along both axes inseparably."""
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            return (None, repr(float(a)), None)
+        if not isinstance(a, torch.fx.Node):
+            return None
+        if a in self.parts:
+            return self.parts[a]
+        v = self.env.get(a)
+        if isinstance(v, (_Constant, TensorView)):
+            v = self.val(a)
+        if not isinstance(v, Value) or v.dtype == torch.bool:
+            return None
+        if "m" not in v.axes:
+            return (None, self._float(v), None)
+        if "n" not in v.axes:
+            return (None, None, self._float(v))
+        return None
+
+    def _combine(self, x: Optional[str], y: Optional[str], op: str, axes) -> Optional[str]:
+        if y is None:
+            return x
+        if x is None:
+            return y if op == "+" else self.emit(f"-{y}", torch.float32, axes).code
+        return self.emit(f"{x} {op} {y}", torch.float32, axes).code
+
+    def _scaled(self, part: tuple, k: str, op: str) -> tuple:
+        axes = ((), frozenset("n"), frozenset("m"))
+        return tuple(None if x is None else self.emit(f"{x} {op} {k}", torch.float32, ax).code
+                     for x, ax in zip(part, axes))
+
+    def affine(self, node: torch.fx.Node, out) -> Optional[tuple]:
+        if not isinstance(out, Value) or out.dtype == torch.bool:
+            return None
+        if out.axes != frozenset("mn"):
+            return None  # a low-rank value: part_of reads it from its axes
+        f, args, kw = node.target, node.args, node.kwargs
+        if f in _AFFINE_PASS:
+            return self.part_of(args[0])
+        if f in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar) and kw.get("alpha", 1) == 1:
+            a, b = self.part_of(args[0]), self.part_of(args[1])
+            if a is None or b is None:
+                return None
+            op = "+" if f in (aten.add.Tensor, aten.add.Scalar) else "-"
+            return tuple(self._combine(x, y, op, ax) for x, y, ax in
+                         zip(a, b, ((), frozenset("n"), frozenset("m"))))
+        if f is aten.neg.default:
+            a = self.part_of(args[0])
+            return None if a is None else self._scaled(a, "-1.0", "*")
+        if f in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+            a, b = self.part_of(args[0]), self.part_of(args[1])
+            if a is None or b is None:
+                return None
+            def scalar(x, arg):  # a factor constant over the tile (no score, no index)
+                if x[0] is not None or x[2] is not None:
+                    return None
+                v = self.env.get(arg) if isinstance(arg, torch.fx.Node) else None
+                return x[1] if v is None or not getattr(v, "axes", True) else None
+            div = f in (aten.div.Tensor, aten.div.Scalar)
+            k = scalar(b, args[1])
+            if k is not None:
+                return self._scaled(a, k, "/" if div else "*")
+            k = scalar(a, args[0])
+            if k is not None and not div:
+                return self._scaled(b, k, "*")
+        return None
+
+    def call(self, node: torch.fx.Node):
+        out = super().call(node)
+        part = self.affine(node, out)
+        if part is not None:
+            self.parts[node] = part
+        return out
+
+    def run_parts(self) -> Optional[Tuple[str, str]]:
+        """(score_mod_parts body, score_mod_row body), or None when the mod is not separable."""
+        self._bind(("score", "b", "h", "q_idx", "kv_idx"))
+        score = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
+        self.parts[score] = ("1.0", None, None)
+        result = self._walk()
+        part = self.part_of(result) if isinstance(result, torch.fx.Node) else None
+        if part is None:
+            return None
+        c, n, m = part
+        key = self._slice([f"return {c or '0.0'} * qk_scale, {n or '0.0'}"], forbid=("score", "q_idx"))
+        row = self._slice([f"return {m or '0.0'}"], forbid=("score", "kv_idx"))
+        if key is None or row is None:
+            return None
+        return key, row
+
+    def _slice(self, tail: List[str], forbid: Tuple[str, ...]) -> Optional[str]:
+        """The printed lines the tail needs (temps are assigned once), or None if they read a name
+        the helper does not have."""
+        need = set(re.findall(r"\bt\d+\b", tail[0]))
+        keep = []
+        for line in reversed(self.lines):
+            name = line.split(" = ", 1)[0]
+            if name in need:
+                keep.append(line)
+                need |= set(re.findall(r"\bt\d+\b", line.split(" = ", 1)[1]))
+        body = list(reversed(keep)) + tail
+        text = "\n".join(body)
+        if any(re.search(rf"\b{w}\b", text) for w in forbid):
+            return None
+        return "\n".join("    " + l for l in body)
+
+
+def _print_separable(gm, fn: Callable, fast_tanh: bool, params: List[str]) -> str:
+    """``score_mod_parts(qk_scale, b, h, kv_idx, ...) -> (a, key_bias)`` and
+    ``score_mod_row(b, h, q_idx, ...) -> row_bias`` when score_mod(qk * qk_scale) is
+    a * qk + key_bias + row_bias (the templates' SEPARABLE path: a row's constant row_bias never
+    enters the tile); "" otherwise."""
+    p = _SeparablePrinter(gm, "score_mod", fn, "SM_CAP", fast_tanh)
+    try:
+        bodies = p.run_parts()
+    except FlexModError:
+        return ""
+    if bodies is None or p.params != params:
+        return ""
+    caps = "".join(", " + x for x in params)
+    return (f"\n\n@triton.jit\ndef score_mod_parts(qk_scale, b, h, kv_idx{caps}):\n{bodies[0]}\n"
+            f"\n\n@triton.jit\ndef score_mod_row(b, h, q_idx{caps}):\n{bodies[1]}\n")
 
 
 class _WithCaptured(torch.fx.Interpreter):

@@ -38,6 +38,8 @@ KNOWN_KERNEL_OPTIONS = {
     "USE_TMA": bool,
     # warp-specialized forward configs (Hopper): False never, True only them, absent: autotuning picks
     "WARP_SPECIALIZE": bool,
+    # a score_mod that is a * score + key bias + row bias runs as one FMA per score (kernel.use_separable)
+    "SEPARABLE_SCORE_MOD": bool,
 }
 
 
