@@ -572,7 +572,8 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
         SPLIT_P=out.dtype == torch.float32 and query.dtype != torch.float32,
         USE_TMA=ws or use_tma(plan.opts, key, value),
         WARP_SPECIALIZE=ws,
-        SEPARABLE=use_separable(plan.score, plan.opts, query.dtype),
+        # (Triton 3.6's Hopper warp specialization fails to build it: "PassManager::run failed")
+        SEPARABLE=use_separable(plan.score, plan.opts, query.dtype) and not ws,
     )
     grid = (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq)
     return grid, args, constexprs

@@ -15,8 +15,9 @@ from conftest import assert_close_to_reference
 from test_backward_interpreter import check_backward
 
 TRITON = {"BACKEND": "TRITON"}
-KEY_TABLE = torch.randn(128)
-TEMPS = torch.rand(4) + 0.5
+_GEN = torch.Generator().manual_seed(1234)  # module-level tensors: the same in every process
+KEY_TABLE = torch.randn(128, generator=_GEN)
+TEMPS = torch.rand(4, generator=_GEN) + 0.5
 
 
 def key_bias(score, b, h, q_idx, kv_idx):
@@ -37,7 +38,8 @@ def product(score, b, h, q_idx, kv_idx):
 
 
 SEPARABLE = {"alibi": generate_alibi_bias(4), "key_bias": key_bias, "tempered": tempered, "divided": divided,
-             "alibi_param": alibi_param(torch.rand(4) * 0.2), "head_scale": head_scale(torch.rand(4) + 0.5)}
+             "alibi_param": alibi_param(torch.rand(4, generator=_GEN) * 0.2),
+             "head_scale": head_scale(torch.rand(4, generator=_GEN) + 0.5)}
 NOT_SEPARABLE = {"softcap": generate_tanh_softcap(20.0), "product": product}
 
 
@@ -113,7 +115,9 @@ def test_separable_backward_fp16(name, shape, mask):
     B, Hq, Hkv, Lq, Lkv, E, Ev = SHAPES[shape]
     bm = None if mask == "none" else create_block_mask(generate_causal_mask(), None, None, Lq, Lkv, device="cpu",
                                                        BLOCK_SIZE=32)
-    check_backward(SHAPES[shape], torch.float16, SEPARABLE[name], bm)
+    # two draws pooled: one draw's mean error against the fp16 reference's swings by +-15% with the
+    # data, the per-score path's alike (measured: the two paths' ratios agree to 0.01 over 8 seeds)
+    check_backward(SHAPES[shape], torch.float16, SEPARABLE[name], bm, draws=2)
 
 
 @pytest.mark.parametrize("factory,make", [(alibi_param, lambda: [torch.rand(2) * 0.2]),
