@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--configs", default="", help="comma list of BMxBNxWARPSxSTAGES forward configs to pin")
     args = ap.parse_args()
 
+    from ab_timing import fwd_fwdbwd_ms
     from bench_attention import document_ids
     from inductor_flex import create_block_mask, flex_attention
     from inductor_flex import variants as V
@@ -76,15 +77,7 @@ def main():
             if want is None:
                 want = out.float()
             err = (out.float() - want).abs().max().item()
-            with torch.no_grad():
-                fwd = triton.testing.do_bench(lambda: fa(q, k, v, block_mask=bm), warmup=25, rep=100,
-                                              return_mode="median")
-
-            def step():
-                q.grad = k.grad = v.grad = None
-                fa(q, k, v, block_mask=bm).backward(dout)
-
-            fb = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+            fwd, fb = fwd_fwdbwd_ms(lambda: fa(q, k, v, block_mask=bm), (q, k, v), dout)
             row = {"mask_mod": name, "peer": peer, "fwd_ms": fwd, "fwdbwd_ms": fb,
                    "fwd_tflops": fwd_flops / fwd / 1e9, "fwdbwd_tflops": 3.5 * fwd_flops / fb / 1e9,
                    "max_abs_diff_vs_first": err}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import triton.testing
 
 
 def main():
@@ -22,6 +21,7 @@ def main():
     ap.add_argument("--B", type=int, default=4)
     ap.add_argument("--no-torch-flex", action="store_true")
     args = ap.parse_args()
+    from ab_timing import fwd_fwdbwd_ms
     from inductor_flex import flex_attention
     from inductor_flex import variants as V
 
@@ -46,16 +46,9 @@ def main():
             for name, mod in mods.items():
                 with torch.no_grad():
                     out = fa(q, k, v, score_mod=mod)
-                    ref.setdefault(peer, out.float())
-                    err = (out.float() - ref[peer]).abs().max().item()
-                    fwd = triton.testing.do_bench(lambda: fa(q, k, v, score_mod=mod), warmup=25, rep=100,
-                                                  return_mode="median")
-
-                def step():
-                    q.grad = k.grad = v.grad = None
-                    fa(q, k, v, score_mod=mod).backward(dout)
-
-                fb = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+                ref.setdefault(peer, out.float())
+                err = (out.float() - ref[peer]).abs().max().item()
+                fwd, fb = fwd_fwdbwd_ms(lambda: fa(q, k, v, score_mod=mod), (q, k, v), dout)
                 print(f"round {r} {peer:10s} {name:18s} fwd {flops / fwd / 1e9:6.1f}  f+b {3.5 * flops / fb / 1e9:6.1f} "
                       f"TFLOP/s  diff vs alibi {err:.1e}", flush=True)
 

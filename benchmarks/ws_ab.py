@@ -15,7 +15,6 @@ import json
 import logging
 
 import torch
-import triton.testing
 
 
 def main():
@@ -29,6 +28,7 @@ def main():
     ap.add_argument("--fwdbwd", action="store_true", help="also time forward+backward")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ab_timing import fwd_fwdbwd_ms
     from inductor_flex import flex_attention
     from inductor_flex import variants as V
 
@@ -40,17 +40,10 @@ def main():
     flops = 4 * B * H * S * S * D
 
     def timed(mod, opts):
-        with torch.no_grad():
-            fwd = triton.testing.do_bench(lambda: flex_attention(q, k, v, score_mod=mod, kernel_options=opts),
-                                          warmup=25, rep=100, return_mode="median")
+        fwd, fb = fwd_fwdbwd_ms(lambda: flex_attention(q, k, v, score_mod=mod, kernel_options=opts), (q, k, v),
+                                dout, backward=args.fwdbwd)
         if not args.fwdbwd:
             return f"{flops / fwd / 1e9:.1f}"
-
-        def step():
-            q.grad = k.grad = v.grad = None
-            flex_attention(q, k, v, score_mod=mod, kernel_options=opts).backward(dout)
-
-        fb = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
         return f"{flops / fwd / 1e9:.1f}/{3.5 * flops / fb / 1e9:.1f}"
 
     for name in args.cases.split(","):
