@@ -851,7 +851,8 @@ class _SeparablePrinter(_Printer):
             return None  # a low-rank value: part_of reads it from its axes
         f, args, kw = node.target, node.args, node.kwargs
         if f in _AFFINE_PASS:
-            return self.part_of(args[0])
+            # views and casts to float32 keep the value; a cast to an integer or 16-bit type does not
+            return self.part_of(args[0]) if out.dtype == torch.float32 else None
         if f in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar) and kw.get("alpha", 1) == 1:
             a, b = self.part_of(args[0]), self.part_of(args[1])
             if a is None or b is None:

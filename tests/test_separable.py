@@ -37,10 +37,15 @@ def product(score, b, h, q_idx, kv_idx):
     return score + (q_idx * kv_idx) * 1e-3
 
 
+def truncated(score, b, h, q_idx, kv_idx):
+    # a cast to an integer type is not linear: (score * 2 + kv) truncated is not separable
+    return (score * 2 + kv_idx).to(torch.int32).to(torch.float32) - q_idx
+
+
 SEPARABLE = {"alibi": generate_alibi_bias(4), "key_bias": key_bias, "tempered": tempered, "divided": divided,
              "alibi_param": alibi_param(torch.rand(4, generator=_GEN) * 0.2),
              "head_scale": head_scale(torch.rand(4, generator=_GEN) + 0.5)}
-NOT_SEPARABLE = {"softcap": generate_tanh_softcap(20.0), "product": product}
+NOT_SEPARABLE = {"softcap": generate_tanh_softcap(20.0), "product": product, "truncated": truncated}
 
 
 @pytest.mark.parametrize("name", list(SEPARABLE) + list(NOT_SEPARABLE))
