@@ -131,3 +131,33 @@ def test_separable_backward_fp16(name, shape, mask):
 def test_separable_backward_learned_tensors_fp16(factory, make):
     # the captured tensors' gradients still come from the joint graph (score_mod_bwd), with draws pooled
     check_backward(SHAPES["odd37_E40"], torch.float16, factory, None, captured=make(), draws=3)
+
+
+def test_compiled_kernel_op_takes_the_separable_form(monkeypatch):
+    # under torch.compile with Inductor, a score_mod reading a floating-point tensor runs as the
+    # inductor_flex custom ops; they launch the printed templates, separable form included
+    from conftest import record_calls
+
+    flags = record_calls(monkeypatch, K, "forward_launch", lambda plan, *a, **k: plan)
+    scales = torch.rand(2, generator=_GEN) + 0.5
+    mod = head_scale(scales)
+
+    def attn(q, k, v):
+        return flex_attention(q, k, v, score_mod=mod, kernel_options=TRITON)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, backend="inductor", fullgraph=True)
+    q, k, v = make_inputs((1, 2, 2, 64, 64, 32, 32), torch.float16, "cpu", requires_grad=True)
+    out = compiled(q, k, v)
+    assert flags and all(K.use_separable(p.score, p.opts, torch.float16) for p in flags)
+    ref, _, _ = math_attention(q.double(), k.double(), v.double(), mod)
+    low, _, _ = math_attention(q, k, v, mod)
+    assert_close_to_reference(out, ref, low, torch.float16, "out")
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    r = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(math_attention(*r, mod)[0], r, g.double())
+    lo = [t.detach().requires_grad_() for t in (q, k, v)]
+    low_g = torch.autograd.grad(math_attention(*lo, mod)[0], lo, g)
+    for name, a, w, l in zip(("dq", "dk", "dv"), got, want, low_g):
+        assert_close_to_reference(a, w, l, torch.float16, name)
