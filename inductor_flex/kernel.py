@@ -85,6 +85,17 @@ def _constant(v) -> Optional[tuple]:
     return None
 
 
+_NOT_PLAIN = object()
+
+
+def _value_key(v):
+    """A scalar itself, a list / tuple of scalars by _constant, else _NOT_PLAIN."""
+    if isinstance(v, _SCALARS):
+        return v
+    key = _constant(v)
+    return _NOT_PLAIN if key is None else key
+
+
 def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Optional[tuple]:
     """(scalars, tensors) everything ``fn`` can read: its closure cells, the globals its code names,
     and the same of the functions among them. None when something opaque is reachable (an object
@@ -103,8 +114,8 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
         for name, v in list(enumerate(fn.args)) + sorted(fn.keywords.items()):
             if isinstance(v, torch.Tensor):
                 tensors.append(v)
-            elif isinstance(v, _SCALARS) or _constant(v) is not None:
-                scalars.append((name, v if isinstance(v, _SCALARS) else _constant(v)))
+            elif (key := _value_key(v)) is not _NOT_PLAIN:
+                scalars.append((name, key))
             else:
                 return None
         return tuple(scalars), tuple(tensors)
@@ -127,10 +138,8 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
     for v in values:
         if isinstance(v, torch.Tensor):
             tensors.append(v)
-        elif isinstance(v, _SCALARS):
-            scalars.append(v)
-        elif _constant(v) is not None:
-            scalars.append(_constant(v))
+        elif (key := _value_key(v)) is not _NOT_PLAIN:
+            scalars.append(key)
         elif callable(v) and hasattr(v, "__code__"):
             sub = _fingerprint(v, depth + 1, seen, opaque_ok)
             if sub is None:
@@ -143,9 +152,9 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
             attrs = []
             for co in codes:
                 for name in co.co_names:
-                    a = getattr(v, name, None) if not isinstance(v, torch.Tensor) else None
-                    if isinstance(a, _SCALARS) or _constant(a) is not None:
-                        attrs.append((name, a if isinstance(a, _SCALARS) else _constant(a)))
+                    key = _value_key(getattr(v, name, None))
+                    if key is not _NOT_PLAIN:
+                        attrs.append((name, key))
             scalars.append(("obj", id(v), tuple(attrs)))
         else:
             return None
