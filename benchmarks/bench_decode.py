@@ -227,7 +227,7 @@ def to_markdown(meta, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sweep(S, B, Hq, Hkv, Dh, splits):
+def sweep(S, B, Hq, Hkv, Dh, splits, extra=None):
     """CUDA-graph time of the decode kernel for every (tile config, split) pinned through kernel_options."""
     from inductor_flex.lowering.decode_configs import decode_configs
 
@@ -240,12 +240,12 @@ def sweep(S, B, Hq, Hkv, Dh, splits):
     for cfg in decode_configs(Dh, Dh, dt, 128, q.device):
         for split in splits:
             opts = {"BACKEND": "TRITON_DECODE", "BLOCK_N": cfg.BLOCK_N, "num_warps": cfg.num_warps,
-                    "num_stages": cfg.num_stages, "SPLIT_KV": split}
+                    "num_stages": cfg.num_stages, "SPLIT_KV": split, **(extra or {})}
             try:
                 ms = bench_ms(cycling([graph_of(lambda q=q, k=k, v=v: flex_attention(q, k, v, enable_gqa=True,
                                                                                     kernel_options=opts))
                                        for q, k, v in sets]))
-                rows.append({"S": S, "config": str(cfg), "split": split, "ms": ms, "TB/s": nbytes / (ms * 1e-3) / 1e12})
+                rows.append({"S": S, "config": str(cfg), "split": split, "options": extra or {}, "ms": ms, "TB/s": nbytes / (ms * 1e-3) / 1e12})
             except Exception as e:  # noqa: BLE001
                 rows.append({"S": S, "config": str(cfg), "split": split, "error": f"{type(e).__name__}: {e}"[:200]})
             print(rows[-1], flush=True)
@@ -267,6 +267,8 @@ def main():
                     "(CUDA graph) instead of the peers, e.g. --sweep 2,4,5,8,16,32")
     ap.add_argument("--l2", choices=("rotate", "flush", "warm"), default="rotate",
                     help="how timed calls meet the L2 (see L2_MODE); results before 2026-11-26 used flush")
+    ap.add_argument("--kernel-options", default="{}",
+                    help='JSON kernel_options added to every --sweep call, e.g. \'{"USE_TMA": true}\'')
     args = ap.parse_args()
     L2_MODE[0] = args.l2
     if not torch.cuda.is_available():
@@ -284,7 +286,8 @@ def main():
             "l2": L2_MODE[0]}
     if args.sweep:
         splits = [int(x) for x in args.sweep.split(",")]
-        rows = [r for S in args.seqs.split(",") for r in sweep(int(S), args.batch, args.hq, args.hkv, args.dim, splits)]
+        rows = [r for S in args.seqs.split(",")
+                for r in sweep(int(S), args.batch, args.hq, args.hkv, args.dim, splits, json.loads(args.kernel_options))]
         with open(out[:-5] + "_sweep.json", "w") as f:
             json.dump({"meta": meta, "sweep": rows}, f, indent=1)
         return

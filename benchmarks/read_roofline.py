@@ -4,7 +4,7 @@ decode step reads (K and V, B=8, Hkv=8, S=8192, D=128, bf16) and does nothing el
 `bench_decode.py --l2 flush` (do_bench, which zeroes a 256 MB buffer before every call). What it
 reaches is what any decode kernel can reach under that method on this GPU.
 
-    python benchmarks/read_roofline.py [--seq 8192] [--programs 128,132,256,264]
+    python benchmarks/read_roofline.py [--seq 8192] [--programs 128,132,256,264] [--tma]
 """
 from __future__ import annotations
 
@@ -40,12 +40,26 @@ def _read_share(K, V, OUT, CHUNKS, PROGRAMS, BLOCK: tl.constexpr):
     tl.store(OUT + pid * BLOCK + tl.arange(0, BLOCK), acc)
 
 
+@triton.jit
+def _read_tma(K, V, OUT, ROWS, TILES_PER_PROGRAM, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    # program p streams row tiles [p * TILES_PER_PROGRAM, ...) of K and V as [ROWS, D] matrices
+    # through tensor descriptors (TMA), as the decode kernel's USE_TMA path does
+    pid = tl.program_id(0)
+    kd = tl.make_tensor_descriptor(K, shape=[ROWS, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+    vd = tl.make_tensor_descriptor(V, shape=[ROWS, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+    acc = tl.zeros([D], tl.float32)
+    for i in range(pid * TILES_PER_PROGRAM, (pid + 1) * TILES_PER_PROGRAM):
+        acc += tl.sum(kd.load([i * BLOCK_N, 0]).to(tl.float32) + vd.load([i * BLOCK_N, 0]).to(tl.float32), 0)
+    tl.store(OUT + pid * D + tl.arange(0, D), acc)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--programs", default="",
                     help="comma list of program counts for a second table: the same bytes split evenly over "
                          "exactly that many programs (e.g. 128,132,256,264), BLOCK 2048")
+    ap.add_argument("--tma", action="store_true", help="also stream K/V tiles through TMA tensor descriptors")
     args = ap.parse_args()
     k = torch.randn(8, 8, args.seq, 128, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
@@ -59,6 +73,21 @@ def main():
         ms = triton.testing.do_bench(lambda: _read[(grid,)](k, v, out, BLOCK=block, ITERS=iters, num_warps=8),
                                      warmup=25, rep=200, return_mode="median")
         print(f"  BLOCK={block:5d} ITERS={iters:3d} programs={grid:5d}: {ms * 1e3:6.1f} us = {2 * n * 2 / ms / 1e9:.2f} TB/s")
+    if args.tma:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        rows = n // 128
+        for bn, programs, warps, stages in ((64, 128, 4, 3), (64, 128, 4, 5), (128, 128, 4, 3), (128, 128, 8, 4),
+                                            (64, 256, 4, 3), (64, 512, 4, 3), (128, 256, 4, 4), (64, 1024, 4, 4)):
+            tiles = rows // bn
+            if tiles % programs:
+                continue
+            out = torch.empty(programs * 128, device="cuda")
+            ms = triton.testing.do_bench(
+                lambda: _read_tma[(programs,)](k, v, out, rows, tiles // programs, BLOCK_N=bn, D=128,
+                                               num_warps=warps, num_stages=stages),
+                warmup=25, rep=200, return_mode="median")
+            print(f"  TMA BLOCK_N={bn:4d} programs={programs:5d} warps={warps} stages={stages}: {ms * 1e3:6.1f} us = "
+                  f"{2 * n * 2 / ms / 1e9:.2f} TB/s")
     block = 2048
     for programs in [int(x) for x in args.programs.split(",") if x.strip()]:
         out = torch.empty(programs * block, device="cuda")

@@ -25,7 +25,7 @@ from .block_mask import BlockMask
 from .launch import launch as launch_kernel
 from .kernel import (
     _block_mask_args, _constant, _default_block_mask, _printed_mod, interpreter_enabled, load_module,
-    template_hooks,
+    template_hooks, use_tma,
 )
 from .printer import PrintedMod
 from .validation import use_fast_tanh
@@ -157,6 +157,8 @@ class DecodePlan:
         self.candidates = decode_configs(E, Ev, query.dtype, self.sparse_kv, self.device, self.interpret)
         self.pinned = _pinned_config(opts, self.candidates[0], self.sparse_kv)
         self.pinned_split = opts.get("SPLIT_KV")
+        # kernel_options USE_TMA (off by default); whether a launch's K/V allow it is checked per launch
+        self.want_tma = bool(opts.get("USE_TMA", False))
         self.programs = B * Hq // self.heads
         self.sms = sm_count(self.device) if self.device.type == "cuda" else 132
         self.constexprs = dict(
@@ -265,7 +267,8 @@ def _launch(plan: DecodePlan, module, query, key, value, bm: BlockMask, scale: f
         *mod_args,
     )
     launch_kernel(module.flex_decode_kernel, (split, plan.programs), args,
-                  dict(plan.constexprs, BLOCK_N=cfg.BLOCK_N, MERGE=merge), cfg.num_warps, cfg.num_stages,
+                  dict(plan.constexprs, BLOCK_N=cfg.BLOCK_N, MERGE=merge, USE_TMA=plan.want_tma and use_tma(
+                      {"USE_TMA": True}, key, value)), cfg.num_warps, cfg.num_stages,
                   plan.interpret)
 
 

@@ -154,18 +154,22 @@ def decode_specializations():
         for shape_name in DECODE_SHAPES:
             for dtype in (torch.float16, torch.bfloat16):
                 yield "decode", variant, shape_name, dtype
+    for variant in ("noop", "causal", "softcap"):  # K/V through TMA descriptors (kernel_options USE_TMA)
+        for shape_name in ("gqa1_Lq3_E40_Ev24", "bench_S8192_D128"):
+            yield "decode", variant + "+tma", shape_name, torch.bfloat16
 
 
 def compile_decode(job):
     from inductor_flex import decode as D
     from inductor_flex.lowering.decode_configs import decode_configs
 
-    _, variant, shape_name, dtype = job
+    _, name, shape_name, dtype = job
+    variant, tma = name.split("+")[0], name.endswith("+tma")
     torch.manual_seed(0)
     B, Hq, Hkv, Lq, Lkv, E, Ev, split = DECODE_SHAPES[shape_name]
     q, k, v = make_inputs((B, Hq, Hkv, Lq, Lkv, E, Ev), dtype, "cpu")
     score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu", block=128)
-    opts = {"BACKEND": "TRITON_DECODE"}
+    opts = {"BACKEND": "TRITON_DECODE", "USE_TMA": tma}
     plan = D.get_plan(q, k, v, score_mod, block_mask, opts)
     bm = block_mask if block_mask is not None else K._default_block_mask(Lq, Lkv, q.device)
     cfg = decode_configs(E, Ev, dtype, bm.BLOCK_SIZE[1], q.device, interpret=False)[0]
@@ -185,9 +189,10 @@ def compile_decode(job):
             return Launch()
 
     D._launch(plan, Recorder(), q, k, v, bm, 1.0 / E ** 0.5, cfg, split, out, lse, mx, part)
+    assert all(c["USE_TMA"] == tma for _, _, c, _, _ in launches)
     t = time.time()
     ok, msg = compile_launches(module, launches)
-    return ok, f"decode-{variant}-{shape_name}-{str(dtype)[6:]} {cfg} split={split} {time.time() - t:.1f}s {msg}"
+    return ok, f"decode-{name}-{shape_name}-{str(dtype)[6:]} {cfg} split={split} {time.time() - t:.1f}s {msg}"
 
 
 # ---- forward kernels as Inductor rendered them (lowering/template.py) -----------------------------

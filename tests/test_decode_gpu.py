@@ -55,6 +55,18 @@ def test_variants_bf16(variant, group, Lq):
     check(q, k, v, score_mod, bm, opts={**DECODE, "SPLIT_KV": 3, "BLOCK_N": 64})  # pinned: no autotuning
 
 
+@pytest.mark.parametrize("variant", ["noop", "causal", "document", "softcap", "empty_rows"])
+@pytest.mark.parametrize("split", [1, 3], ids=lambda s: f"split{s}")
+def test_tma_descriptor_loads_bf16(variant, split):
+    # kernel_options USE_TMA: K/V tiles through tensor descriptors; odd S_kv, E=40 / Ev=24 (rows and
+    # columns past the tensor come back 0) and the benchmark's head dim
+    _need_cuda()
+    for shape in ((2, 16, 4, 3, 3001, 40, 24), (2, 32, 8, 1, 4099, 128, 128)):
+        q, k, v = make_inputs(shape, torch.bfloat16, "cuda")
+        score_mod, bm = make_variant(variant, shape[3], shape[4], shape[1], "cuda", block=128)
+        check(q, k, v, score_mod, bm, opts={**DECODE, "USE_TMA": True, "SPLIT_KV": split, "BLOCK_N": 64})
+
+
 def test_paged_matches_contiguous_bf16():
     _need_cuda()
     B, Hq, Hkv, E, L, ps = 4, 32, 8, 128, 5000, 128
