@@ -594,8 +594,11 @@ def use_separable(score: PrintedMod, opts: dict, dtype: torch.dtype) -> bool:
     16-bit inputs only: key_bias alone can be larger than the bias it is part of (ALiBi's
     slope * kv against slope * (kv - q)), so its float32 rounding, about 2^-24 of it, reaches
     ~1e-4 at positions in the thousands: far under a 16-bit P's rounding, not under float32's."""
-    if not score.separable:
-        return False
+    return score.separable and separable_wanted(opts, dtype)
+
+
+def separable_wanted(opts: dict, dtype: torch.dtype) -> bool:
+    """kernel_options SEPARABLE_SCORE_MOD, default: 16-bit inputs (see use_separable)."""
     flag = opts.get("SEPARABLE_SCORE_MOD")
     return dtype in (torch.float16, torch.bfloat16) if flag is None else bool(flag)
 

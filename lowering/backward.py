@@ -103,7 +103,7 @@ _NO_JOINT = ("@triton.jit\n"
 
 def _template(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: float, has_score_mod: bool,
               score_loads: bool, mask_loads: bool, guard: bool = True, mod_scale: float = 1.0,
-              grad_lse: bool = False):
+              grad_lse: bool = False, separable: bool = False):
     from inductor_flex.printer import HELPERS
 
     transposed = kernel == "dkdv"
@@ -121,6 +121,8 @@ def _template(kernel: str, dense: bool, bm_strides, scale: float, qk_scale: floa
         score_mod_bwd_source=(fwd._mod_helper("score_mod_bwd", 2, True, score_loads, transposed, with_grad=True,
                                                 guard=guard)
                               if has_score_mod else _NO_JOINT),
+        # subgraphs 3-5 follow the joint graph (2)
+        separable_source=fwd.separable_source(3, score_loads, transposed) if separable else "",
         mod_params=argdefs,
         mod_args=argdefs,
         grad_params="",
@@ -202,6 +204,8 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
         joint_gm, _ = prescale(joint_gm, scale)
         subgraphs.append(fwd._subgraph_buffer(fwd._exp_tanh(joint_gm, fast_tanh),
                                               [score_ph, *idx, grad_ph, *score_bufs]))
+    parts = fwd.separable_subgraphs(fw_graph.graph_module, scale, opts, dtype, idx, score_bufs) if has_score_mod else []
+    subgraphs += parts
 
     dense = block_mask[2] is None
     if dense:
@@ -215,7 +219,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
 
     qk_scale = scale if has_score_mod else scale * 1.4426950408889634
     common = dict(HAS_SCORE_MOD=has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
-                  SPARSE_Q=sparse[0], SPARSE_KV=sparse[1], DENSE=dense,
+                  SPARSE_Q=sparse[0], SPARSE_KV=sparse[1], DENSE=dense, SEPARABLE=bool(parts),
                   DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"')
     interpret = device.type == "cpu"
     # the eager rule: small problems take each kernel's first candidate, without benchmarks
@@ -228,7 +232,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
     delta = empty_strided([B, Hq, Lq], None, dtype=torch.float32, device=device)
     inputs = [query, key, value, grad_out, lse, delta, out] + ([grad_lse] if grad_lse is not None else []) + kv_side
     tmpl = _template("dq", dense, fwd._bm_strides(kv_side[:2], dense), scale, qk_scale, has_score_mod, *loads, guard,
-                     mod_scale, grad_lse=grad_lse is not None)
+                     mod_scale, grad_lse=grad_lse is not None, separable=bool(parts))
     layout = ir.FixedLayout(device, dtype, [B, Hq, Lq, E], ir.FlexibleLayout.contiguous_strides([B, Hq, Lq, E]))
     at = len(inputs) - len(kv_side)  # where the BlockMask inputs start
     gen = {} if dense else (fwd._recorded_block_mask(recorded[:4], kv_side, offset=at)
@@ -251,7 +255,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
     dv = empty_strided(list(value.get_size()), None, dtype=dtype, device=device)
     inputs = [query, key, value, grad_out, lse, delta, dv] + q_side
     tmpl = _template("dkdv", dense, fwd._bm_strides(q_side[:2], dense, ("Q_NUM", "Q_IDX")), scale, qk_scale,
-                     has_score_mod, *loads, guard, mod_scale)
+                     has_score_mod, *loads, guard, mod_scale, separable=bool(parts))
     layout = ir.FixedLayout(device, dtype, [B, Hkv, Lkv, E], ir.FlexibleLayout.contiguous_strides([B, Hkv, Lkv, E]))
     gen = {} if dense else (fwd._recorded_block_mask(recorded[4:8], q_side, offset=7)
                             or fwd._stand_in_block_mask(has_full, nq, nk, side="q", offset=7))

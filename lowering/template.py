@@ -100,6 +100,37 @@ def _mod_helper(name: str, number: int, with_score: bool, loads: bool, transpose
     )
 
 
+def separable_source(first: int, loads: bool, transposed: bool = False) -> str:
+    """The SEPARABLE path's hooks (see lowering/separable.py) from subgraphs first, first + 1,
+    first + 2 (coefficient, key bias, row bias), under the names the eager printer gives them. The
+    graphs take the raw q·k (joint_graph.prescale), so the coefficient holds the scale already."""
+    helpers = [_mod_helper(name, first + i, False, loads, transposed)
+               for i, name in enumerate(("score_mod_coef", "score_mod_key", "score_mod_row_bias"))]
+    return "\n\n" + "\n\n".join(helpers) + (
+        "\n\n@triton.jit\n"
+        "def score_mod_parts(qk_scale, b, h, kv_idx, {{gen_argdefs()}}):\n"
+        "    return (score_mod_coef(b, h, 0, kv_idx, {{gen_argdefs()}}),\n"
+        "            score_mod_key(b, h, 0, kv_idx, {{gen_argdefs()}}))\n"
+        "\n\n@triton.jit\n"
+        "def score_mod_row(b, h, q_idx, {{gen_argdefs()}}):\n"
+        "    return score_mod_row_bias(b, h, q_idx, 0, {{gen_argdefs()}})\n")
+
+
+def separable_subgraphs(score_gm, scale: float, opts: dict, dtype, idx, score_bufs):
+    """[coefficient, key bias, row bias] subgraph buffers when the score_mod is separable and the
+    kernel options / dtype take that form (kernel.separable_wanted); else []."""
+    from inductor_flex.kernel import separable_wanted
+
+    from . import separable
+
+    if not separable_wanted(opts, dtype):
+        return []
+    parts = separable.split(prescale(score_gm, scale)[0])
+    if parts is None:
+        return []
+    return [_subgraph_buffer(gm, [*idx, *score_bufs]) for gm in parts]
+
+
 def _kernel_def(dense: bool, bm_strides, qk_scale: float) -> str:
     names = _FWD_NAMES if dense else _FWD_NAMES + _BM_NAMES
     lines = [
@@ -140,7 +171,7 @@ def _is_one(expr) -> bool:
 
 
 def _template(dense: bool, bm_strides, qk_scale: float, score_loads: bool, mask_loads: bool,
-              mod_scale: float = 1.0):
+              mod_scale: float = 1.0, separable: bool = False):
     from inductor_flex.printer import HELPERS
 
     source = render(
@@ -152,6 +183,7 @@ def _template(dense: bool, bm_strides, qk_scale: float, score_loads: bool, mask_
         kernel_def=_kernel_def(dense, bm_strides, qk_scale),
         score_mod_source=_mod_helper("score_mod", 0, True, score_loads),
         mask_mod_source=_mod_helper("mask_mod", 1, False, mask_loads),
+        separable_source=separable_source(2, score_loads) if separable else "",
         mod_params="{{gen_argdefs()}}, ",
         mod_args="{{gen_argdefs()}}, ",
         score_mod_args="{{gen_argdefs()}}",
@@ -344,6 +376,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     score_gm = _exp_tanh(score_gm, fast_tanh)
     score_buf = _subgraph_buffer(score_gm, [_placeholder("score", torch.float32, device), *idx, *score_bufs])
     mask_buf = _subgraph_buffer(mask_gm, [*idx, *mask_bufs])
+    parts = separable_subgraphs(score_mod.graph_module, scale, opts, dtype, idx, score_bufs) if has_score_mod else []
 
     dense = block_mask[2] is None
     inputs = [query, key, value]
@@ -366,7 +399,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
 
     qk_scale = scale if has_score_mod else scale * 1.4426950408889634
     tmpl = _template(dense, _bm_strides(bm_nodes[:2], dense), qk_scale, bool(score_bufs), bool(mask_bufs),
-                     mod_scale)
+                     mod_scale, bool(parts))
 
     layout = ir.FixedLayout(device, dtype, [B, Hq, Lq, Ev], ir.FlexibleLayout.contiguous_strides([B, Hq, Lq, Ev]))
     configs = forward_configs(E, Ev, dtype, sparse, device, interpret=device.type == "cpu")
@@ -388,7 +421,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
             choices,
             input_nodes=inputs,
             layout=layout,
-            subgraphs=[score_buf, mask_buf],
+            subgraphs=[score_buf, mask_buf, *parts],
             mutated_inputs=[lse, mx],
             call_sizes=[B, Hq, Lq, Ev],
             num_stages=cfg.num_stages,
@@ -397,7 +430,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPARSE_Q=sparse[0], SPARSE_KV=sparse[1],
             EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M), EVEN_N=even_n,
             DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"', DENSE=dense, HAS_FULL=has_full,
-            SPLIT_P=False, USE_TMA=False, WARP_SPECIALIZE=False,
+            SPLIT_P=False, USE_TMA=False, WARP_SPECIALIZE=False, SEPARABLE=bool(parts),
         ) or error
     if not choices:
         raise RuntimeError(f"inductor_flex: no forward template config could be generated: {error}")
