@@ -113,3 +113,61 @@ def test_when_the_compiled_kernels_take_the_separable_form(interpreted_inductor,
     low_out, _, _ = reference_same_dtype(q, k, v, mod, None)
     assert_close_to_reference(out, ref_out, low_out, dtype, "out")
     assert_grads_close(q, k, v, grads, g, mod, None, dtype)
+
+
+# ---- property: any random program's split, where one is found, is the program ------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from test_printer_properties import _SETTINGS, _floats, _ints, score_mod_of, TABLE  # noqa: E402
+
+
+def _one_axis_ints(index):
+    # (no "const" leaf: the programs build it from q_idx)
+    return st.recursive(
+        st.one_of(st.just(index), st.just("h")),
+        lambda sub: st.one_of(st.tuples(st.sampled_from(["add", "sub", "min", "max"]), sub, sub),
+                              st.tuples(st.sampled_from(["floordiv", "mod", "mul"]), sub, st.integers(1, 7)),
+                              st.tuples(st.just("abs"), sub)),
+        max_leaves=4)
+
+
+# separable by construction: sums and constant multiples of the score and of values of one index
+_linear = st.recursive(
+    st.one_of(st.just("score"),
+              *(st.tuples(st.sampled_from(["float", "table"]), _one_axis_ints(i)) for i in ("q_idx", "kv_idx"))),
+    lambda sub: st.one_of(
+        st.tuples(st.sampled_from(["fadd", "fsub"]), sub, sub),
+        st.tuples(st.just("fmul"), sub, st.floats(-2.0, 2.0, allow_nan=False).map(lambda c: round(c, 3))),
+    ),
+    max_leaves=6,
+)
+
+
+def _check_split(tree, must_split):
+    table = torch.randn(TABLE)
+    gm, _ = prescale(_mod_graph(score_mod_of(tree, table)), 0.3)
+    parts = separable.split(gm)
+    if must_split:
+        assert parts is not None, tree
+    if parts is None:
+        return
+    gen = torch.Generator().manual_seed(1)
+    score = torch.randn(7, 11, generator=gen) * 3
+    b, h = torch.tensor(1, dtype=torch.int32), torch.tensor(1, dtype=torch.int32)
+    q = torch.randint(0, 40, (7, 1), generator=gen, dtype=torch.int32)
+    kv = torch.randint(0, 40, (1, 11), generator=gen, dtype=torch.int32)
+    coef, key, row = (p(b, h, q, kv) for p in parts)
+    assert coef.numel() == 1
+    torch.testing.assert_close(coef * score + key + row, gm(score, b, h, q, kv), rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=60, **_SETTINGS)
+@given(tree=_floats)
+def test_random_programs_split_only_into_what_they_are(tree):
+    _check_split(tree, must_split=False)
+
+
+@settings(max_examples=40, **_SETTINGS)
+@given(tree=_linear)
+def test_random_linear_programs_are_split(tree):
+    _check_split(tree, must_split=True)
