@@ -27,7 +27,7 @@ from inductor_flex.templates import render
 from . import tuning_masks
 from inductor_flex.joint_graph import prescale
 
-from .configs import Config, autotune_pays, forward_configs, head_pad, wide_configs
+from .configs import Config, autotune_pays, filter_warp_specialize, forward_configs, head_pad, wide_configs
 
 # Off: every forward takes the custom op again (tests compare the two).
 ENABLED = True
@@ -350,6 +350,32 @@ def _stand_in_block_mask(has_full: bool, nq: int, nk: int, side: str = "kv", off
     return _example_inputs((num, idx, full_num, full_idx if has_full else full_idx[:, :1]), offset)
 
 
+def _rows_matrix(node) -> bool:
+    """Whether a [B, H, L, D] buffer is one contiguous [B·H·L, D] row matrix with 16-byte rows, as the
+    warp-specialized loop reads Q, K and V through TMA (kernel.rows_layout, from the static layout:
+    no guard is added)."""
+    try:
+        sv = compat.inductor_graph().sizevars
+        B, H, L, D = node.get_size()
+        sb, sh, sl, sd = node.get_stride()
+        eq = sv.statically_known_equals
+        return bool(eq(sd, 1) and eq(sl, D) and (eq(H, 1) or eq(sh, L * D)) and (eq(B, 1) or eq(sb, H * L * D))
+                    and compat.known_multiple_of(D, 8)
+                    and compat.size_hint(B) * compat.size_hint(H) * compat.size_hint(L) < 2 ** 31)
+    except Exception:  # noqa: BLE001 - a layout not decided yet: the plain loop
+        return False
+
+
+def ws_applies(query, key, value, dense: bool, score_bufs, dtype) -> bool:
+    """Whether the warp-specialized forward config can run: as kernel.ws_applies (no BlockMask, no
+    captured tensors), 16-bit, on a Hopper GPU, Q/K/V each one row matrix."""
+    from .configs import warp_specialize_supported
+
+    return (dense and not score_bufs and dtype in (torch.float16, torch.bfloat16)
+            and warp_specialize_supported(query.get_device())
+            and all(_rows_matrix(t) for t in (query, key, value)))
+
+
 def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_options, score_bufs, mask_bufs):
     """Inductor lowering of flex_attention_hop -> (out, lse, max_scores)."""
     ir = compat.inductor_ir()
@@ -404,18 +430,27 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     layout = ir.FixedLayout(device, dtype, [B, Hq, Lq, Ev], ir.FlexibleLayout.contiguous_strides([B, Hq, Lq, Ev]))
     configs = forward_configs(E, Ev, dtype, sparse, device, interpret=device.type == "cpu")
     pinned = [k for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in opts]
+    ws_ok = ws_applies(query, key, value, dense, score_bufs, dtype)
+    if not pinned:  # (before the one-config rule: kernel_options WARP_SPECIALIZE=True keeps only it)
+        configs = filter_warp_specialize(configs, opts, ws_ok)
     if pinned:
         if len(pinned) < 4:
             raise ValueError("under torch.compile, pin a kernel config with all of BLOCK_M, BLOCK_N, num_warps and "
                              "num_stages (or none)")
-        configs = [Config(int(opts["BLOCK_M"]), int(opts["BLOCK_N"]), int(opts["num_warps"]), int(opts["num_stages"]))]
+        configs = [Config(int(opts["BLOCK_M"]), int(opts["BLOCK_N"]), int(opts["num_warps"]), int(opts["num_stages"]),
+                          bool(opts.get("WARP_SPECIALIZE")))]
     elif not sizes_autotune_pays(B, Hq, Lq, Lkv):
         configs = configs[:1]  # Inductor benchmarks nothing for one choice
     elif compat.inductor_max_autotune():
         configs = configs + [c for c in wide_configs(E, Ev, dtype, sparse, device) if c not in configs]
 
+    if ws_ok:
+        # the specialized loop's device-side TMA descriptors need Triton's allocator (Inductor's
+        # launcher sets one too, where it has the hook)
+        compat.ensure_triton_allocator()
     choices, error = [], None
     for cfg in configs:
+        ws = bool(cfg.warp_specialize) and ws_ok  # elsewhere the config runs the plain loop
         even_n = compat.known_multiple_of(Lkv, cfg.BLOCK_N if dense else sparse[1])
         error = tmpl.maybe_append_choice(
             choices,
@@ -430,7 +465,8 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPARSE_Q=sparse[0], SPARSE_KV=sparse[1],
             EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M), EVEN_N=even_n,
             DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"', DENSE=dense, HAS_FULL=has_full,
-            SPLIT_P=False, USE_TMA=False, WARP_SPECIALIZE=False, SEPARABLE=bool(parts),
+            # (Triton 3.6 does not build the separable form in the specialized loop: kernel.forward_launch)
+            SPLIT_P=False, USE_TMA=ws, WARP_SPECIALIZE=ws, SEPARABLE=bool(parts) and not ws,
         ) or error
     if not choices:
         raise RuntimeError(f"inductor_flex: no forward template config could be generated: {error}")

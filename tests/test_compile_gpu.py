@@ -301,3 +301,31 @@ def test_inductor_cuda_lse_gradient(variant, shape):
     got, ref, low = grads(compiled, dtype), grads(math, torch.float64), grads(math, dtype)
     for name, a, r, lo in zip(("dq", "dk", "dv"), got, ref, low):
         assert_close_to_reference(a, r, lo, dtype, name)
+
+
+@pytest.mark.parametrize("variant", ["noop", "alibi"])
+def test_inductor_warp_specialized_forward(variant):
+    # the Inductor-rendered forward with the warp-specialized config (Q/K/V through TMA descriptors
+    # of contiguous [B, H, L, D] inputs, GQA, an odd length); kernel_options keep only that config
+    from torch._inductor.utils import run_and_get_code
+
+    dims = (2, 8, 4, 1000, 1000, 128, 128)
+    q, k, v = make_inputs(dims, torch.bfloat16, "cuda", requires_grad=True)
+    score_mod, bm = make_variant(variant, dims[3], dims[4], dims[1], "cuda")
+    assert bm is None  # no BlockMask: the specialized loop's condition
+    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, enable_gqa=True, return_lse=True,
+                                                      kernel_options={"WARP_SPECIALIZE": True}), fullgraph=True)
+    g = torch.randn(*dims[:2], dims[3], dims[6], device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out, lse = fn(q, k, v)
+        return out, lse, torch.autograd.grad(out, (q, k, v), g)
+
+    (out, lse, grads), code = run_and_get_code(step)
+    code = "\n".join(code)
+    assert "'WARP_SPECIALIZE': True" in code and "'WARP_SPECIALIZE': False" not in code
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod, None)
+    low_out, low_lse, _ = math_attention(q, k, v, score_mod, None)
+    assert_close_to_reference(out, ref_out, low_out, torch.bfloat16, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.bfloat16, "lse")
+    assert_grads_close(q, k, v, grads, g, score_mod, None, torch.bfloat16)

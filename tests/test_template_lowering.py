@@ -152,6 +152,16 @@ def test_inductor_sources_compile_for_sm90(interpreted_inductor, tmp_path, monke
         fn, _ = _compiled(score_mod, block_mask, dims[1] != dims[2],
                           kernel_options=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))
         fn(q, k, v)  # (bf16 runs garbage through the interpreter's dot; only the source matters here)
+    # the warp-specialized forward config (TMA descriptors, specialized kv loop), bf16 and fp16
+    with monkeypatch.context() as m:
+        _ws_on_cpu(m)
+        for variant, shape, dtype in [("noop", "gqa4x2_E64_Ev32", torch.float16),
+                                      ("alibi", "E128_Lq33_Lkv65", torch.bfloat16)]:
+            dims = SHAPES[shape]
+            q, k, v = make_inputs(dims, dtype, "cpu")
+            score_mod, block_mask = make_variant(variant, dims[3], dims[4], dims[1], "cpu", block=128)
+            fn, _ = _compiled(score_mod, block_mask, dims[1] != dims[2], kernel_options=WS_PIN)
+            fn(q, k, v)
     # the backward templates (dK/dV, dQ), with the H100's first backward candidates
     monkeypatch.setattr(backward_template, "backward_configs", lambda *a: backward_configs(*a[:5], False)[:1])
     for variant, shape, dtype in [("noop", "Lq50_Lkv97", torch.float16), ("document", "gqa4x2_E64_Ev32", torch.float16),
@@ -162,6 +172,8 @@ def test_inductor_sources_compile_for_sm90(interpreted_inductor, tmp_path, monke
         fn, _ = _compiled(score_mod, block_mask, dims[1] != dims[2])
         fn(q, k, v)[0].sum().backward()
     sources = sorted(set(InterpretedKernel.sources))
+    ws = [s for s in sources if "WARP_SPECIALIZE : tl.constexpr = True" in s]
+    assert {"HAS_SCORE_MOD : tl.constexpr = True" in s for s in ws} == {True, False}  # ALiBi and noop
     assert sum("_bwd_dkdv_inner" in s for s in sources) >= 3 and sum("_bwd_dq_inner" in s for s in sources) >= 3
     assert len(sources) >= 10
     for i, src in enumerate(sources):
@@ -310,3 +322,42 @@ def test_small_problems_take_one_config(interpreted_inductor, monkeypatch, pays)
     ref, _, _ = reference64(q, k, v, None, None)
     low, _, _ = reference_same_dtype(q, k, v, None, None)
     assert_close_to_reference(out, ref, low, torch.float32)
+
+
+def _ws_on_cpu(monkeypatch):
+    # the warp-specialized config's rule, minus "a Hopper GPU" (CPU here: the interpreter runs it)
+    monkeypatch.setattr(template, "ws_applies", lambda q, k, v, dense, bufs, dtype: (
+        dense and not bufs and dtype in (torch.float16, torch.bfloat16) and all(template._rows_matrix(t) for t in (q, k, v))))
+
+
+WS_PIN = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, WARP_SPECIALIZE=True)
+
+
+@pytest.mark.parametrize("variant,shape", [("noop", "E128_Lq33_Lkv65"), ("alibi", "gqa4x2_E64_Ev32")])
+def test_warp_specialized_config_renders(interpreted_inductor, monkeypatch, variant, shape):
+    """The Inductor forward with the warp-specialized config: Q, K, V through TMA descriptors of
+    the [B·H·L, D] row matrices (lengths past a head's end read 0), the kv loop specialized; the
+    separable form is off there (Triton 3.6 does not build it)."""
+    from torch._inductor.utils import run_and_get_code
+
+    _ws_on_cpu(monkeypatch)
+    dims = SHAPES[shape]
+    q, k, v = make_inputs(dims, torch.float16, "cpu")
+    score_mod, block_mask = make_variant(variant, dims[3], dims[4], dims[1], "cpu")
+    fn, _ = _compiled(score_mod, block_mask, dims[1] != dims[2], kernel_options=WS_PIN)
+    (out, lse), code = run_and_get_code(fn, q, k, v)
+    code = "\n".join(code)
+    assert "'WARP_SPECIALIZE': True" in code and "'USE_TMA': True" in code and "'SEPARABLE': True" not in code
+    ref_out, ref_lse, _ = reference64(q, k, v, score_mod, block_mask)
+    low_out, low_lse, _ = reference_same_dtype(q, k, v, score_mod, block_mask)
+    assert_close_to_reference(out, ref_out, low_out, torch.float16, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.float16, "lse")
+    if dims[1] == 1:
+        return
+    # a transposed view ([B, L, H, D] memory) is no row matrix: the same config runs the plain loop
+    fn, _ = _compiled(score_mod, block_mask, dims[1] != dims[2], kernel_options=WS_PIN)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    (out_t, _), code = run_and_get_code(fn, qt, k, v)
+    code = "\n".join(code)
+    assert "'WARP_SPECIALIZE': False" in code and "'WARP_SPECIALIZE': True" not in code
+    assert_close_to_reference(out_t, ref_out, low_out, torch.float16, "out (transposed q)")
