@@ -228,6 +228,8 @@ class _Printer:
     @staticmethod
     def float_form(v: Value) -> Optional[str]:
         if v.fcode is not None:
+            if not TILE_FLOAT_FORM and v.axes == frozenset("mn"):
+                return None
             return v.fcode
         if v.dtype in (torch.int32, torch.int64) and v.code.lstrip("-").isdigit() and abs(int(v.code)) < (1 << 24):
             return repr(float(v.code))
@@ -795,6 +797,14 @@ def _print_scaled(gm, fn: Callable, fast_tanh: bool, params: List[str]) -> str:
     head = ", ".join(["qk", "qk_scale", "b", "h", "q_idx", "kv_idx"] + params)
     return f"\n\n@triton.jit\ndef score_mod_scaled({head}):\n{body}\n"
 
+
+# How an integer value varying along both tile axes (ALiBi's kv_idx - q_idx) enters float
+# arithmetic. False: as the integer tile, converted per score (an integer subtract and a convert,
+# off the float pipe, as Inductor's lowering prints it). True: as the float forms of its index
+# vectors (kv_idx.to(f32) - q_idx.to(f32): converts per row / column, then a float subtract per
+# score). The float pipe is what the softmax saturates: the warp-specialized ALiBi forward ran at
+# 490-493 TFLOP/s with False against 411-457 with True (H100, benchmarks/alibi_ws_probe.py).
+TILE_FLOAT_FORM = False
 
 _AFFINE_PASS = {aten._to_copy.default, aten.to.dtype, prims.convert_element_type.default} | _ALIASES
 

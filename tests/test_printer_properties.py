@@ -8,6 +8,7 @@ A program is a small expression tree over the mods' arguments: integer arithmeti
 (floor division and modulo by constants, with negative operands, which Triton's C-style `//` and
 `%` do not follow on their own), comparisons and boolean algebra for masks, and float arithmetic,
 transcendental functions, `where`, and a captured table read at a computed index for score_mods."""
+import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
@@ -195,3 +196,25 @@ def test_random_programs_compiled(interpreted_inductor, shape, score_tree, mask_
     low, _, _ = math_attention(q.detach(), k.detach(), v.detach(), score_mod, block_mask)
     assert_close_to_reference(out.detach(), ref.detach(), low, torch.float32, "out")
     assert_grads_close(q, k, v, grads, g, score_mod, block_mask, torch.float32)
+
+
+@pytest.mark.parametrize("tile_float_form", [False, True], ids=["int_tile", "float_vectors"])
+def test_index_tile_forms_agree(monkeypatch, tile_float_form):
+    # printer.TILE_FLOAT_FORM: ALiBi's kv_idx - q_idx as an integer tile converted per score (the
+    # default) or as a float subtract of the converted index vectors; both match float64
+    from inductor_flex import printer
+    from inductor_flex.printer import print_mod
+
+    monkeypatch.setattr(printer, "TILE_FLOAT_FORM", tile_float_form)
+
+    def alibi(score, b, h, q_idx, kv_idx):  # a fresh function: printed under this setting
+        return score + torch.exp2(-8.0 * (h + 1) / 4) * (kv_idx - q_idx)
+
+    src = print_mod(alibi, "score_mod", torch.device("cpu")).source
+    scaled = src[src.index("def score_mod_scaled"):]
+    assert ("kv_idx.to(tl.float32) - q_idx.to(tl.float32)" in scaled) == tile_float_form
+    q, k, v = (torch.randn(1, 4, 37, 16) for _ in range(3))
+    out = flex_attention(q, k, v, score_mod=alibi, kernel_options=TRITON)
+    ref, _, _ = math_attention(q.double(), k.double(), v.double(), alibi, None)
+    low, _, _ = math_attention(q, k, v, alibi, None)
+    assert_close_to_reference(out, ref, low, torch.float32, "out")
