@@ -116,7 +116,7 @@ def test_when_the_compiled_kernels_take_the_separable_form(interpreted_inductor,
 
 
 # ---- property: any random program's split, where one is found, is the program ------------------
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from test_printer_properties import _SETTINGS, _floats, _ints, score_mod_of, TABLE  # noqa: E402
 
@@ -171,3 +171,20 @@ def test_random_programs_split_only_into_what_they_are(tree):
 @given(tree=_linear)
 def test_random_linear_programs_are_split(tree):
     _check_split(tree, must_split=True)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(tree=_linear)
+def test_random_linear_programs_compiled(interpreted_inductor, tree):
+    # separable by construction, through Inductor's templates (fp16 takes the split): forward and
+    # gradients against float64
+    table = torch.randn(TABLE)
+    mod = score_mod_of(tree, table)
+    (q, k, v), out, lse, grads, g, code = _compiled_step(mod, None, torch.float16, "odd37_E40")
+    assert "'SEPARABLE': True" in code and code.count("def score_mod_coef(") >= 1
+    ref_out, ref_lse, _ = reference64(q, k, v, mod, None)
+    low_out, low_lse, _ = reference_same_dtype(q, k, v, mod, None)
+    assert_close_to_reference(out, ref_out, low_out, torch.float16, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.float16, "lse")
+    assert_grads_close(q, k, v, grads, g, mod, None, torch.float16)
