@@ -431,7 +431,10 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     configs = forward_configs(E, Ev, dtype, sparse, device, interpret=device.type == "cpu")
     pinned = [k for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in opts]
     ws_ok = ws_applies(query, key, value, dense, score_bufs, dtype)
-    if not pinned:  # (before the one-config rule: kernel_options WARP_SPECIALIZE=True keeps only it)
+    if not pinned and (ws_ok or "WARP_SPECIALIZE" in opts):
+        # (before the one-config rule: kernel_options WARP_SPECIALIZE=True keeps only it). Where the
+        # specialized loop does not apply, its candidate stays unless asked away and runs as a plain
+        # 128 x 128 config, as in the benchmarks of the configs before it existed
         configs = filter_warp_specialize(configs, opts, ws_ok)
     if pinned:
         if len(pinned) < 4:
