@@ -58,11 +58,26 @@ def _maps(bm: tuple):
 def _bind(fn: Callable, bufs) -> Callable:
     if not bufs:
         return fn
+    bufs = [_operand(b) for b in bufs]
 
     def bound(*args):
         return fn(*args, *bufs)
 
     return bound
+
+
+def _operand(b):
+    """A captured symbolic number (a Python int the mod closes over, under dynamic=True) as a 0-d
+    tensor: the mods run under vmap here, whose scalar handling rejects SymInts (score / n with n
+    a SymInt failed: "x must be Tensor or scalar, got SymInt"). Same arithmetic: a 0-d tensor takes
+    part in type promotion as the number would."""
+    if isinstance(b, torch.SymBool):
+        return torch.full((), b, dtype=torch.bool)
+    if isinstance(b, torch.SymInt):
+        return torch.full((), b, dtype=torch.int64)
+    if isinstance(b, torch.SymFloat):
+        return torch.full((), b, dtype=torch.get_default_dtype())
+    return b
 
 
 def _bounds(i: int, rows, length):

@@ -234,3 +234,32 @@ def test_no_full_score_matrix_in_backward_code(monkeypatch):
     ref = torch.autograd.grad(out.square().sum(), leaves)
     for g, r in zip(grads, ref):
         assert (g.double() - r).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dynamic_shapes_with_a_mod_closing_over_an_int(dtype):
+    """Under dynamic=True Dynamo passes an int the mod closes over (the gallery's ALiBi divides by
+    its head count) as a symbolic graph input; the chunked decomposition evaluated the mod with it
+    under vmap and failed ("x must be Tensor or scalar, got SymInt"). Forward and backward against
+    float64, two lengths, one frame."""
+    from inductor_flex.variants import generate_alibi_bias
+
+    mod = generate_alibi_bias(4)
+    cnt = compile_counter()
+    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=mod), backend=cnt, fullgraph=True,
+                       dynamic=True)
+    for L in (40, 57):
+        q, k, v = make_inputs((1, 4, 4, L, L, 32, 32), dtype, "cpu", requires_grad=True)
+        out = fn(q, k, v)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+        ref = math_attention(*leaves64, mod, None)[0]
+        ref_grads = torch.autograd.grad(ref, leaves64, g.double())
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        low = math_attention(*leaves, mod, None)[0]
+        low_grads = torch.autograd.grad(low, leaves, g)
+        assert_close_to_reference(out, ref, low, dtype, "out")
+        for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+            assert_close_to_reference(a, r, lo, dtype, name)
+    assert cnt.frame_count == 1
