@@ -72,6 +72,30 @@ def compile_counter(backend="inductor"):
     return torch._dynamo.testing.CompileCounterWithBackend(backend)
 
 
+def check_dynamic_lengths(call, score_mod, shape_of, dtype, in_code, lengths=(40, 57)):
+    """torch.compile(call, dynamic=True), call(q, k, v) -> (out, lse) by flex_attention with
+    ``score_mod``, on CPU inputs of shape_of(L) for each length: ``in_code`` is in the first
+    compile's output code, out and lse match float64, and the later lengths reuse the one frame."""
+    from torch._inductor.utils import run_and_get_code
+
+    from cases import make_inputs
+
+    cnt = compile_counter("inductor")
+    fn = torch.compile(call, backend=cnt, fullgraph=True, dynamic=True)
+    for i, L in enumerate(lengths):
+        q, k, v = make_inputs(shape_of(L), dtype, "cpu")
+        if i == 0:
+            (out, lse), code = run_and_get_code(fn, q, k, v)
+            assert in_code in "\n".join(code)
+        else:
+            out, lse = fn(q, k, v)
+        ref_out, ref_lse, _ = reference64(q, k, v, score_mod, None)
+        low_out, low_lse, _ = reference_same_dtype(q, k, v, score_mod, None)
+        assert_close_to_reference(out, ref_out, low_out, dtype, "out")
+        assert_close_to_reference(lse, ref_lse, low_lse, dtype, "lse")
+    assert cnt.frame_count == 1
+
+
 def record_calls(monkeypatch, module, name, record=lambda *args, **kwargs: None):
     """Wrap ``module.name`` for the test: each call appends ``record(*args, **kwargs)`` to the
     returned list, then runs the real function."""

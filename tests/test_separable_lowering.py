@@ -11,8 +11,8 @@ from inductor_flex.lowering import separable
 from inductor_flex.variants import generate_causal_mask
 
 from cases import SHAPES, _empty_rows, make_inputs
-from conftest import (assert_close_to_reference, assert_grads_close, compile_counter, reference64,
-                      reference_same_dtype)
+from conftest import (assert_close_to_reference, assert_grads_close, check_dynamic_lengths, compile_counter,
+                      reference64, reference_same_dtype)
 from test_joint_graph import _mod_graph
 from test_separable import NOT_SEPARABLE, SEPARABLE
 
@@ -192,23 +192,8 @@ def test_random_linear_programs_compiled(interpreted_inductor, tree):
 
 def test_compiled_separable_under_dynamic_shapes(interpreted_inductor):
     # symbolic lengths: the three hooks take their sizes from the kernel's arguments; no recompile
-    from torch._inductor.utils import run_and_get_code
-
     # (a mod that closes over no int: under dynamic=True Dynamo makes such an int symbolic, and a
     # symbolic operand keeps a call off the template, test_compile_inductor.py)
     mod = SEPARABLE["divided"]
-    cnt = compile_counter("inductor")
-    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=mod, return_lse=True),
-                       backend=cnt, fullgraph=True, dynamic=True)
-    for L in (40, 57):
-        q, k, v = make_inputs((1, 4, 4, L, L, 64, 64), torch.float16, "cpu")
-        if L == 40:
-            (out, lse), code = run_and_get_code(fn, q, k, v)
-            assert "def score_mod_coef(" in "\n".join(code)
-        else:
-            out, lse = fn(q, k, v)
-        ref_out, ref_lse, _ = reference64(q, k, v, mod, None)
-        low_out, low_lse, _ = reference_same_dtype(q, k, v, mod, None)
-        assert_close_to_reference(out, ref_out, low_out, torch.float16, "out")
-        assert_close_to_reference(lse, ref_lse, low_lse, torch.float16, "lse")
-    assert cnt.frame_count == 1
+    check_dynamic_lengths(lambda q, k, v: flex_attention(q, k, v, score_mod=mod, return_lse=True), mod,
+                          lambda L: (1, 4, 4, L, L, 64, 64), torch.float16, "def score_mod_coef(")

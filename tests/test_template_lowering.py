@@ -12,7 +12,7 @@ from inductor_flex.lowering import template
 
 from cases import SHAPES, make_inputs, make_variant
 from inductor_interpreter import InterpretedKernel
-from conftest import (assert_close_to_reference, assert_grads_close, compile_counter, reference64,
+from conftest import (assert_close_to_reference, assert_grads_close, check_dynamic_lengths, compile_counter, reference64,
                       reference_same_dtype)
 
 
@@ -367,20 +367,5 @@ def test_warp_specialized_config_under_dynamic_shapes(interpreted_inductor, monk
     """Symbolic lengths: the row-matrix test reads the static layout (strides as expressions of the
     lengths) without adding guards, and a second length reuses the graph."""
     _ws_on_cpu(monkeypatch)
-    cnt = compile_counter("inductor")
-    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, return_lse=True, kernel_options=WS_PIN),
-                       backend=cnt, fullgraph=True, dynamic=True)
-    from torch._inductor.utils import run_and_get_code
-
-    for L in (40, 57):
-        q, k, v = make_inputs((1, 2, 2, L, L, 64, 64), torch.float16, "cpu")
-        if L == 40:
-            (out, lse), code = run_and_get_code(fn, q, k, v)
-            assert "'WARP_SPECIALIZE': True" in "\n".join(code)
-        else:
-            out, lse = fn(q, k, v)
-        ref_out, ref_lse, _ = reference64(q, k, v, None, None)
-        low_out, low_lse, _ = reference_same_dtype(q, k, v, None, None)
-        assert_close_to_reference(out, ref_out, low_out, torch.float16, "out")
-        assert_close_to_reference(lse, ref_lse, low_lse, torch.float16, "lse")
-    assert cnt.frame_count == 1
+    check_dynamic_lengths(lambda q, k, v: flex_attention(q, k, v, return_lse=True, kernel_options=WS_PIN), None,
+                          lambda L: (1, 2, 2, L, L, 64, 64), torch.float16, "'WARP_SPECIALIZE': True")
