@@ -440,7 +440,9 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
         if len(pinned) < 4:
             raise ValueError("under torch.compile, pin a kernel config with all of BLOCK_M, BLOCK_N, num_warps and "
                              "num_stages (or none)")
-        configs = [Config(int(opts["BLOCK_M"]), int(opts["BLOCK_N"]), int(opts["num_warps"]), int(opts["num_stages"]),
+        # (static_int: options held in a closure arrive as symbols under dynamic=True; they are
+        # constexprs, so guard on their values)
+        configs = [Config(*(compat.static_int(opts[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")),
                           bool(opts.get("WARP_SPECIALIZE")))]
     elif not sizes_autotune_pays(B, Hq, Lq, Lkv):
         configs = configs[:1]  # Inductor benchmarks nothing for one choice

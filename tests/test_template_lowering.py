@@ -369,3 +369,12 @@ def test_warp_specialized_config_under_dynamic_shapes(interpreted_inductor, monk
     _ws_on_cpu(monkeypatch)
     check_dynamic_lengths(lambda q, k, v: flex_attention(q, k, v, return_lse=True, kernel_options=WS_PIN), None,
                           lambda L: (1, 2, 2, L, L, 64, 64), torch.float16, "'WARP_SPECIALIZE': True")
+
+
+def test_pinned_config_from_a_closure_under_dynamic_shapes(interpreted_inductor):
+    """kernel_options held in a closure (not a module constant): under dynamic=True Dynamo hands
+    their ints to the lowering as symbols, and int() on them failed ("Cannot convert symbols to
+    int"); the pinned config is now read with a guard on its value."""
+    opts = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    check_dynamic_lengths(lambda q, k, v: flex_attention(q, k, v, return_lse=True, kernel_options=opts), None,
+                          lambda L: (1, 2, 2, L, L, 64, 64), torch.float16, "'BLOCK_M': 32")
