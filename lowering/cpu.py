@@ -55,10 +55,10 @@ def _maps(bm: tuple):
     return partial, full, (bm[10], bm[11])
 
 
-def _bind(fn: Callable, bufs) -> Callable:
+def _bind(fn: Callable, bufs, device) -> Callable:
     if not bufs:
         return fn
-    bufs = [_operand(b) for b in bufs]
+    bufs = [_operand(b, device) for b in bufs]
 
     def bound(*args):
         return fn(*args, *bufs)
@@ -66,17 +66,15 @@ def _bind(fn: Callable, bufs) -> Callable:
     return bound
 
 
-def _operand(b):
+def _operand(b, device):
     """A captured symbolic number (a Python int the mod closes over, under dynamic=True) as a 0-d
-    tensor: the mods run under vmap here, whose scalar handling rejects SymInts (score / n with n
-    a SymInt failed: "x must be Tensor or scalar, got SymInt"). Same arithmetic: a 0-d tensor takes
-    part in type promotion as the number would."""
-    if isinstance(b, torch.SymBool):
-        return torch.full((), b, dtype=torch.bool)
-    if isinstance(b, torch.SymInt):
-        return torch.full((), b, dtype=torch.int64)
-    if isinstance(b, torch.SymFloat):
-        return torch.full((), b, dtype=torch.get_default_dtype())
+    tensor on ``device``: the mods run under vmap here, whose scalar handling rejects SymInts
+    (score / n with n a SymInt failed: "x must be Tensor or scalar, got SymInt"). The values are
+    the same; a 0-d tensor takes part in type promotion much as the number would (an int as int64)."""
+    for kind, dtype in ((torch.SymBool, torch.bool), (torch.SymInt, torch.int64),
+                        (torch.SymFloat, torch.get_default_dtype())):
+        if isinstance(b, kind):
+            return torch.full((), b, dtype=dtype, device=device)
     return b
 
 
@@ -97,8 +95,8 @@ def chunked_forward(query, key, value, score_mod, block_mask, scale, score_bufs,
     from inductor_flex.reference import _chunk_forward
 
     partial, full, bs = _maps(block_mask)
-    mask_mod = _bind(block_mask[12], mask_bufs) if partial is not None else None
-    sm = _bind(score_mod, score_bufs)
+    mask_mod = _bind(block_mask[12], mask_bufs, query.device) if partial is not None else None
+    sm = _bind(score_mod, score_bufs, query.device)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     rows, n = _plan(query, key)
@@ -121,14 +119,14 @@ def chunked_backward(query, key, value, out, lse, grad_out, grad_lse, score_mod,
     from inductor_flex.reference import _chunk_forward
 
     partial, full, bs = _maps(block_mask)
-    mask_mod = _bind(block_mask[12], mask_bufs) if partial is not None else None
+    mask_mod = _bind(block_mask[12], mask_bufs, query.device) if partial is not None else None
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     k = key.detach().requires_grad_(True)
     v = value.detach().requires_grad_(True)
     bufs = [b.detach().requires_grad_(True) if _floating(b) else b for b in score_bufs]
     diff_bufs = [b for b in bufs if _floating(b)]
-    sm = _bind(score_mod, bufs)
+    sm = _bind(score_mod, bufs, query.device)
     rows, n = _plan(query, key)
     dqs: List[torch.Tensor] = []
     dk = dv = None
