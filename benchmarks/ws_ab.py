@@ -7,6 +7,7 @@ candidate's time).
 
     python benchmarks/ws_ab.py [--cases noop,alibi,softcap] [--S 4096 --B 4]
     python benchmarks/ws_ab.py --option SEPARABLE_SCORE_MOD --cases alibi --fwdbwd --base '{"WARP_SPECIALIZE": false}'
+    python benchmarks/ws_ab.py --cases causal,prefix_lm   # BlockMask cases (TFLOP/s of unmasked work)
 """
 from __future__ import annotations
 
@@ -29,30 +30,35 @@ def main():
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from ab_timing import fwd_fwdbwd_ms
-    from inductor_flex import flex_attention
+    from inductor_flex import create_block_mask, flex_attention
     from inductor_flex import variants as V
 
     base = json.loads(args.base)
-    mods = {"noop": None, "alibi": V.generate_alibi_bias(16), "softcap": V.generate_tanh_softcap(30.0)}
     B, H, S, D = args.B, 16, args.S, 128
+    masks = {"causal": V.generate_causal_mask(), "prefix_lm": V.generate_prefix_lm_mask(S // 4)}
+    mods = {"noop": None, "alibi": V.generate_alibi_bias(16), "softcap": V.generate_tanh_softcap(30.0)}
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
-    flops = 4 * B * H * S * S * D
 
-    def timed(mod, opts):
-        fwd, fb = fwd_fwdbwd_ms(lambda: flex_attention(q, k, v, score_mod=mod, kernel_options=opts), (q, k, v),
-                                dout, backward=args.fwdbwd)
+    def timed(name, opts):
+        mod, bm, density = mods.get(name), None, 1.0
+        if name in masks:
+            bm = create_block_mask(masks[name], None, None, S, S, device="cuda")
+            i = torch.arange(S, device="cuda")
+            density = masks[name](0, 0, i[:, None], i[None, :]).float().mean().item()
+        flops = 4 * B * H * S * S * D * density
+        fwd, fb = fwd_fwdbwd_ms(lambda: flex_attention(q, k, v, score_mod=mod, block_mask=bm, kernel_options=opts),
+                                (q, k, v), dout, backward=args.fwdbwd)
         if not args.fwdbwd:
             return f"{flops / fwd / 1e9:.1f}"
         return f"{flops / fwd / 1e9:.1f}/{3.5 * flops / fb / 1e9:.1f}"
 
     for name in args.cases.split(","):
-        mod = mods[name]
         times = {True: [], False: []}
         for _ in range(args.rounds):
             for flag in (True, False):
-                times[flag].append(timed(mod, {**base, args.option: flag}))
-        auto = timed(mod, dict(base))
+                times[flag].append(timed(name, {**base, args.option: flag}))
+        auto = timed(name, dict(base))
         line = "  ".join(f"{args.option}={flag}: " + ", ".join(ts) for flag, ts in times.items())
         unit = "fwd/f+b TFLOP/s" if args.fwdbwd else "fwd TFLOP/s"
         print(f"{name:8s} {unit} {line}  default: {auto}", flush=True)

@@ -16,7 +16,9 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .kernel import _block_mask_args, fastest_config, load_module, template_hooks, triton_cdiv, use_separable
+from .kernel import (
+    _block_mask_args, fastest_config, load_module, plan_runs, template_hooks, triton_cdiv, use_separable,
+)
 from .launch import launch as launch_kernel
 from .printer import PrintedMod, print_score_mod_backward
 from .reference import math_attention
@@ -164,7 +166,8 @@ class BackwardCall:
         # query tiles walk whole sparse blocks, which can reach past Lq: "even" means block-aligned
         q_step = cfg.BLOCK_M if self.common["DENSE"] else self.common["SPARSE_Q"]
         consts = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=Lq % q_step == 0,
-                      EVEN_N=Lkv % cfg.BLOCK_N == 0, FUSED_DQ=self.fused_dq, **self.common)
+                      EVEN_N=Lkv % cfg.BLOCK_N == 0, FUSED_DQ=self.fused_dq,
+                      RUNS=not self.common["DENSE"] and plan_runs(self.plan, "q"), **self.common)
         return Launch("flex_bwd_dkdv", (triton_cdiv(Lkv, cfg.BLOCK_N), B * Hkv), args, consts,
                       cfg.num_warps, cfg.num_stages)
 
@@ -185,7 +188,7 @@ class BackwardCall:
                       BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                       EVEN_M=Lq % cfg.BLOCK_M == 0,
                       EVEN_N=Lkv % (cfg.BLOCK_N if self.common["DENSE"] else self.common["SPARSE_KV"]) == 0,
-                      **self.common)
+                      RUNS=not self.common["DENSE"] and plan_runs(self.plan, "kv"), **self.common)
         return Launch("flex_bwd_dq", (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq), args, consts,
                       cfg.num_warps, cfg.num_stages)
 

@@ -463,5 +463,37 @@ def dense_block_maps(block_mask: BlockMask) -> Tuple[torch.Tensor, torch.Tensor]
     return block_mask.partial_blocks(), block_mask.full_blocks()
 
 
+def _one_run(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    j = torch.arange(idx.shape[-1], device=idx.device)
+    return (((idx - idx[..., :1]) == j) | (j >= num[..., None])).all()
+
+
+def block_runs(block_mask: BlockMask, side: str = "kv") -> bool:
+    """Whether every query block's partial kv blocks, and its full ones, are one ascending run each
+    (side "kv"; side "q": every kv block's query blocks). Causal, prefix-LM and narrow windows;
+    not packed documents in general. A kernel loop then needs a row's first index only, no index
+    load per tile (the warp-specialized forward cannot take one). One device read per BlockMask
+    and side, kept on it."""
+    key = "_runs_" + side
+    hit = block_mask.__dict__.get(key)
+    if hit is None:
+        if side == "q":
+            lists = ((block_mask.q_num_blocks, block_mask.q_indices),
+                     (block_mask.full_q_num_blocks, block_mask.full_q_indices))
+        else:
+            lists = ((block_mask.kv_num_blocks, block_mask.kv_indices),
+                     (block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
+        ok = _one_run(*lists[0])
+        if lists[1][0] is not None:
+            ok = ok & _one_run(*lists[1])
+        hit = block_mask.__dict__[key] = bool(ok.item())
+    return hit
+
+
+def kv_runs(block_mask: BlockMask) -> bool:
+    """block_runs on the kv side: what the forward and the dQ kernel walk."""
+    return block_runs(block_mask, "kv")
+
+
 def noop_block_mask(Q_LEN: int, KV_LEN: int, device, BLOCK_SIZE: Sequence[int] = (128, 128)) -> BlockMask:
     return create_block_mask(noop_mask, None, None, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=tuple(BLOCK_SIZE))

@@ -23,7 +23,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .block_mask import (
-    FINE_BLOCK, PINNED_TILES, BlockMask, _from_maps, _refined_maps, create_block_mask, refinable, refinement_pays,
+    FINE_BLOCK, PINNED_TILES, BlockMask, _from_maps, _refined_maps, block_runs, create_block_mask, refinable,
+    refinement_pays,
 )
 from . import compat
 from .launch import launch as launch_kernel
@@ -402,7 +403,9 @@ class ForwardPlan:
         if self.candidates is None:
             self.candidates = _config_cache[ckey] = forward_configs(
                 E, Ev, query.dtype, self.block_mask.BLOCK_SIZE, self.device, self.interpret)
-        self.candidates = filter_warp_specialize(self.candidates, opts, ws_applies(self))
+        # (ws_applies reads a BlockMask's indices once: only where a specialized candidate exists)
+        self.candidates = filter_warp_specialize(
+            self.candidates, opts, any(c.warp_specialize for c in self.candidates) and ws_applies(self))
         self.pinned = user_config(opts, self.candidates[0])
         if self.pinned is not None:
             q_bs, kv_bs = self.block_mask.BLOCK_SIZE
@@ -583,6 +586,7 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
         WARP_SPECIALIZE=ws,
         # (Triton 3.6's Hopper warp specialization fails to build it: "PassManager::run failed")
         SEPARABLE=use_separable(plan.score, plan.opts, query.dtype) and not ws,
+        RUNS=not dense and plan_runs(plan),
     )
     grid = (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq)
     return grid, args, constexprs
@@ -610,10 +614,35 @@ TMA_DEFAULT = False
 
 
 def ws_applies(plan: ForwardPlan) -> bool:
-    """Whether the warp-specialized forward can build for this plan: no BlockMask (Triton's Hopper
-    pass rejects the BlockMask walk's index loads and its two loops) and no captured tensors
-    (it has no producer for a mod's pointer loads inside the loop)."""
-    return plan.user_block_mask is None and not plan.score.tensors
+    """Whether the warp-specialized forward can build for this plan: no captured tensors in the
+    mods (Triton has no producer for a mod's pointer loads inside the loop), and either no
+    BlockMask or one whose partial and full kv blocks are each one run (block_mask.block_runs: the
+    kernel walks both in one loop with no index load per tile; Triton's Hopper pass rejects
+    either, and a second specialized loop) on blocks the 128 x 128 tiles divide."""
+    if plan.score.tensors:
+        return False
+    if plan.user_block_mask is None:
+        return True
+    if plan.mask.tensors:
+        return False
+    q_bs, kv_bs = plan.block_mask.BLOCK_SIZE
+    return q_bs % WS_TILE == 0 and kv_bs % WS_TILE == 0 and plan_runs(plan)
+
+
+# the warp-specialized config's tile (lowering/configs.py _FWD_WS_CANDIDATES)
+WS_TILE = 128
+
+
+def plan_runs(plan: ForwardPlan, side: str = "kv") -> bool:
+    """Whether the kernels walk the plan's BlockMask lists of this side as runs (the templates' RUNS:
+    no index load per tile; block_mask.block_runs): the kv side for the forward and dQ, the q side
+    for dK/dV. kernel_options KV_RUNS=False walks the index lists."""
+    key = "_runs_" + side
+    hit = plan.__dict__.get(key)
+    if hit is None:
+        hit = plan.__dict__[key] = (plan.user_block_mask is not None and plan.opts.get("KV_RUNS", True)
+                                    and block_runs(plan.block_mask, side))
+    return hit
 
 
 def rows_layout(t: torch.Tensor) -> bool:

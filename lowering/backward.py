@@ -219,7 +219,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
 
     qk_scale = scale if has_score_mod else scale * 1.4426950408889634
     common = dict(HAS_SCORE_MOD=has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
-                  SPARSE_Q=sparse[0], SPARSE_KV=sparse[1], DENSE=dense, SEPARABLE=bool(parts),
+                  SPARSE_Q=sparse[0], SPARSE_KV=sparse[1], DENSE=dense, SEPARABLE=bool(parts), RUNS=False,
                   DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"')
     interpret = device.type == "cpu"
     # the eager rule: small problems take each kernel's first candidate, without benchmarks

@@ -471,7 +471,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
             EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M), EVEN_N=even_n,
             DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"', DENSE=dense, HAS_FULL=has_full,
             # (Triton 3.6 does not build the separable form in the specialized loop: kernel.forward_launch)
-            SPLIT_P=False, USE_TMA=ws, WARP_SPECIALIZE=ws, SEPARABLE=bool(parts) and not ws,
+            SPLIT_P=False, USE_TMA=ws, WARP_SPECIALIZE=ws, SEPARABLE=bool(parts) and not ws, RUNS=False,
         ) or error
     if not choices:
         raise RuntimeError(f"inductor_flex: no forward template config could be generated: {error}")

@@ -39,6 +39,9 @@ def specializations():
         yield variant, "odd37_E40", torch.bfloat16, "gpu-ws"
     # the default for 16-bit inputs on the GPU: tanh as inline tanh.approx.f32 (never interpreted)
     yield "softcap", "odd37_E40", torch.bfloat16, "gpu-fast_tanh"
+    # the warp-specialized loop over a BlockMask of 128-blocks whose kv blocks are runs (RUNS)
+    for variant in ("causal", "prefix_lm", "softcap"):
+        yield variant, "odd37_E40", torch.bfloat16, "gpu-ws128"
 
 
 def compile_one(job):
@@ -47,14 +50,18 @@ def compile_one(job):
     shape = SHAPES[shape_name]
     B, Hq, Hkv, Lq, Lkv, E, Ev = shape
     q, k, v = make_inputs(shape, dtype, "cpu")
-    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu")
+    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu", block=128 if which == "gpu-ws128" else 32)
+    if which == "gpu-ws128" and block_mask is None:  # a score_mod variant: under a causal mask
+        block_mask = make_variant("causal", Lq, Lkv, Hq, "cpu", block=128)[1]
     # 16-bit inputs default to the hardware tanh; the other labels pin the exact formula
     # the GPU labels build the kernels specialized to the call's layout, the interpreter's the generic ones
     opts = {"SPECIALIZE_LAYOUT": which != "interp"}
     if not which.endswith("fast_tanh"):
         opts["FAST_TANH"] = False
     opts["USE_TMA"] = which.endswith("tma")
-    ws = which.endswith("ws")
+    if which == "gpu-ws128":
+        opts["REFINE_BLOCK_MASK"] = False  # keep the 128-blocks the specialized tiles need
+    ws = which.endswith(("ws", "ws128"))
     plan = K.ForwardPlan(q, k, v, score_mod, block_mask, None, opts)
     assert ("stride_qm: tl.constexpr" in plan.source) == opts["SPECIALIZE_LAYOUT"]
     if variant == "softcap":
@@ -70,6 +77,7 @@ def compile_one(job):
     # variants compile the same tile config with the plain loop
     ws = ws and K.ws_applies(plan)
     assert consts["USE_TMA"] == (opts["USE_TMA"] or ws) and consts["WARP_SPECIALIZE"] == ws
+    assert not which.endswith("ws128") or (ws and consts["RUNS"])
     module = K.load_module(plan.source, False)
     t = time.time()
     ok, msg = compile_launches(module, [("flex_fwd_kernel", args, consts, cfg.num_warps, cfg.num_stages)])

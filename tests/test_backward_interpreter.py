@@ -286,3 +286,31 @@ def test_backward_plan_is_built_once_per_forward_plan(monkeypatch):
     grads(alibi, (q, k, v, slopes))
     grads(alibi, (q, k, v, slopes))
     assert built[1:] == [(False,), (True,)]
+
+
+@pytest.mark.parametrize("kv_runs", [True, False], ids=["runs", "index_lists"])
+@pytest.mark.parametrize("lengths", [(150, 230), (230, 150)], ids=["Lq150_Lkv230", "Lq230_Lkv150"])
+@pytest.mark.parametrize("variant", ["causal", "prefix_lm", "causal_offset_rows", "wide_window"])
+def test_block_mask_runs_walk_backward(variant, lengths, kv_runs):
+    """dK/dV walk a kv block's query blocks, dQ a query block's kv blocks, from the runs' first blocks
+    when each list is one run (template RUNS, per side); KV_RUNS=False walks the index lists. Both
+    against the float64 reference, and the kernels took the path they should."""
+    from inductor_flex import create_block_mask
+    from inductor_flex import kernel as K
+    from inductor_flex import variants as V
+    from inductor_flex.block_mask import block_runs
+    from inductor_flex.validation import validate_kernel_options
+
+    Lq, Lkv = lengths
+    shape = (1, 4, 2, Lq, Lkv, 40, 24)
+    mods = {"causal": V.generate_causal_mask(), "prefix_lm": V.generate_prefix_lm_mask(45),
+            "causal_offset_rows": lambda b, h, qi, ki: qi - 60 >= ki,  # rows before 60 see nothing
+            "wide_window": V.generate_sliding_window(70)}
+    block_mask = create_block_mask(mods[variant], None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=32)
+    opts = {**TRITON, "KV_RUNS": kv_runs}
+    check_backward(shape, torch.float16, None, block_mask, kernel_options=opts)
+    plan = K.cached_plan(*make_inputs(shape, torch.float16, "cpu"), None, block_mask, None,
+                         validate_kernel_options(dict(opts)))
+    for side in ("q", "kv"):
+        assert K.plan_runs(plan, side) == (kv_runs and block_runs(block_mask, side))
+    assert block_runs(block_mask, "kv") == block_runs(block_mask, "q") == (variant != "wide_window")

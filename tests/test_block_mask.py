@@ -245,3 +245,44 @@ def test_no_refinement_kept_for_a_broadcast_mask_that_reads_the_head():
     per_head = create_block_mask(chunks_per_head, 1, 2, 512, 512, device="cpu")
     _assert_same_blocks(per_head.refined, create_block_mask(chunks_per_head, 1, 2, 512, 512, device="cpu",
                                                             BLOCK_SIZE=64))
+
+
+def _runs_by_hand(num, idx):
+    return all(idx[r, :n].tolist() == list(range(int(idx[r, 0]), int(idx[r, 0]) + n))
+               for r, n in enumerate(num.tolist()))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("causal", True), ("prefix_lm", True), ("narrow_window", True), ("wide_window", False), ("documents", False),
+])
+def test_kv_runs(name, expected):
+    """kv_runs: whether every query block's partial kv blocks, and its full ones, are one ascending
+    run each (what lets the forward walk them with no index loads); checked against the lists."""
+    from inductor_flex.block_mask import kv_runs
+    from inductor_flex.variants import generate_prefix_lm_mask
+
+    L = 1024
+    _, documents = packed_documents(L, [200, 450, 700])
+    mods = {
+        "causal": generate_causal_mask(), "prefix_lm": generate_prefix_lm_mask(300),
+        # a window under two blocks: no full block between its partial ends
+        "narrow_window": generate_sliding_window(100), "wide_window": generate_sliding_window(300),
+        "documents": documents,
+    }
+    bm = create_block_mask(mods[name], None, None, L, L, device="cpu", BLOCK_SIZE=128)
+    by_hand = _runs_by_hand(bm.kv_num_blocks[0, 0], bm.kv_indices[0, 0]) and _runs_by_hand(
+        bm.full_kv_num_blocks[0, 0], bm.full_kv_indices[0, 0])
+    assert kv_runs(bm) == by_hand == expected
+
+
+def test_kv_runs_reads_only_the_listed_blocks_and_their_order():
+    from inductor_flex.block_mask import kv_runs
+
+    def blocks(num, idx):
+        num = torch.tensor(num, dtype=torch.int32).view(1, 1, -1)
+        idx = torch.tensor(idx, dtype=torch.int32).view(1, 1, len(idx), -1)
+        return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=128)
+
+    assert kv_runs(blocks([2, 0, 3], [[2, 3, 0, 1], [3, 0, 1, 2], [1, 2, 3, 0]]))  # past num: ignored
+    assert not kv_runs(blocks([2, 3], [[3, 2, 0, 1], [0, 1, 2, 3]]))  # descending
+    assert not kv_runs(blocks([3, 1], [[0, 1, 3, 2], [0, 1, 2, 3]]))  # a gap

@@ -5,7 +5,7 @@ import torch
 from inductor_flex import create_block_mask
 from inductor_flex import kernel as K
 from inductor_flex.lowering.configs import Config, filter_warp_specialize, forward_configs, warp_specialize_supported
-from inductor_flex.variants import generate_alibi_bias, generate_causal_mask
+from inductor_flex.variants import generate_alibi_bias, generate_causal_mask, generate_sliding_window
 
 PLAIN = Config(128, 64, 8, 3)
 WS = Config(128, 128, 4, 2, True)
@@ -37,19 +37,28 @@ def test_rows_layout():
     assert not K.rows_layout(t[:, :1])  # one head of three, two batches: batch stride 3 heads
 
 
-def test_warp_specialization_applies_only_without_block_mask_or_captured_tensors():
-    q = torch.randn(1, 2, 256, 64)
-    kv = torch.randn(1, 2, 256, 64)
+def test_warp_specialization_applies_without_captured_tensors_to_block_masks_of_runs():
+    q = torch.randn(1, 2, 1024, 64)
+    kv = torch.randn(1, 2, 1024, 64)
 
-    def plan(score_mod=None, block_mask=None):
-        return K.ForwardPlan(q, kv, kv, score_mod, block_mask, None, {"BACKEND": "TRITON"})
+    def plan(score_mod=None, block_mask=None, **opts):
+        return K.ForwardPlan(q, kv, kv, score_mod, block_mask, None, {"BACKEND": "TRITON", **opts})
+
+    def mask(mask_mod, block=128):
+        return create_block_mask(mask_mod, None, None, 1024, 1024, device="cpu", BLOCK_SIZE=block)
 
     assert K.ws_applies(plan())
     assert K.ws_applies(plan(generate_alibi_bias(2)))  # slopes computed from h: nothing captured
     bias = torch.randn(2)
     assert not K.ws_applies(plan(lambda s, b, h, qi, ki: s + bias[h]))
-    causal = create_block_mask(generate_causal_mask(), None, None, 256, 256, device="cpu")
-    assert not K.ws_applies(plan(None, causal))
+    causal = mask(generate_causal_mask())
+    assert K.ws_applies(plan(None, causal, REFINE_BLOCK_MASK=False))
+    assert not K.ws_applies(plan(None, causal, REFINE_BLOCK_MASK=False, KV_RUNS=False))
+    assert not K.ws_applies(plan(None, mask(generate_causal_mask(), 64)))  # the 128-tiles do not divide
+    # a window over two blocks wide: full blocks inside it, partial ones at both ends, not one run
+    assert not K.ws_applies(plan(None, mask(generate_sliding_window(300)), REFINE_BLOCK_MASK=False))
+    limit = torch.tensor(300)
+    assert not K.ws_applies(plan(None, mask(lambda b, h, qi, ki: ki < limit), REFINE_BLOCK_MASK=False))
 
 
 def test_a_pinned_warp_specialized_config_launches_plain_where_it_cannot_build():
@@ -67,5 +76,8 @@ def test_a_pinned_warp_specialized_config_launches_plain_where_it_cannot_build()
         return K.forward_launch(plan, x, x, x, out.to(dtype), lse, lse, plan.pinned)[2]["WARP_SPECIALIZE"]
 
     assert launched_specialized(None)
-    assert not launched_specialized(causal)
+    assert launched_specialized(causal)  # its kv blocks are runs (block_mask.kv_runs)
+    limit = torch.tensor(100)  # a mask_mod's load inside the specialized loop: not built
+    assert not launched_specialized(create_block_mask(lambda b, h, qi, ki: ki < limit, None, None, 256, 256,
+                                                      device="cpu"))
     assert not launched_specialized(None, torch.float32)

@@ -84,6 +84,39 @@ def test_forward_gpu_warp_specialized(variant, shape, dtype):
     assert_close_to_reference(lse, ref_lse, low_lse, dtype, "lse")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("lengths", [(1000, 1000), (777, 1500), (1500, 777), (4096, 4096)],
+                         ids=["S1000", "Lq777_Lkv1500", "Lq1500_Lkv777", "S4096"])
+@pytest.mark.parametrize("variant", ["causal", "prefix_lm", "causal_softcap", "causal_alibi", "sliding_window"])
+def test_forward_gpu_warp_specialized_block_mask(variant, lengths, dtype):
+    """A BlockMask of 128-blocks whose partial and full kv blocks are runs (causal, prefix-LM) takes
+    the warp-specialized loop (one loop over both runs, mask_mod on the partial ones); one that is
+    not (sliding window: partial blocks at both ends) runs the same pinned config plain."""
+    from inductor_flex import kernel as K
+    from inductor_flex import variants as V
+    from inductor_flex.lowering.configs import warp_specialize_supported
+
+    if not warp_specialize_supported(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU and a Triton with tl.range(warp_specialize=...)")
+    Lq, Lkv = lengths
+    q, k, v = make_inputs((2, 8, 2, Lq, Lkv, 128, 128), dtype, "cuda")
+    masks = {"prefix_lm": V.generate_prefix_lm_mask(300), "sliding_window": V.generate_sliding_window(256)}
+    score_mod = {"causal_softcap": V.generate_tanh_softcap(20.0), "causal_alibi": V.generate_alibi_bias(8)}.get(variant)
+    mask_mod = masks.get(variant, V.generate_causal_mask())
+    block_mask = create_block_mask(mask_mod, None, None, Lq, Lkv, device="cuda", BLOCK_SIZE=128)
+    opts = dict(WS_OPTIONS, REFINE_BLOCK_MASK=False)
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True, return_lse=True,
+                              kernel_options=opts)
+    plan = K.cached_plan(q, k, v, score_mod, block_mask, None, validate_kernel_options(dict(opts)))
+    _, _, consts = K.forward_launch(plan, q, k, v, out, lse, lse, plan.config)
+    assert consts["WARP_SPECIALIZE"] == consts["RUNS"] == (variant != "sliding_window")
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
+    low_out, low_lse, _ = math_attention(q, k, v, score_mod, block_mask)
+    assert not torch.isnan(out).any()
+    assert_close_to_reference(out, ref_out, low_out, dtype, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, dtype, "lse")
+
+
 def test_forward_gpu_warp_specialized_config_on_other_layouts_runs_unspecialized():
     """[B, L, H, D] storage cannot be read as one row matrix: the pinned config then launches the
     plain loop, and the answer stays right."""

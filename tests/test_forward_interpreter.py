@@ -472,3 +472,36 @@ def test_fastest_config_times_the_best_two_again(monkeypatch):
     best, ms = fastest_config([a, broken, b, c], launch, "forward")
     assert best == b and ms == 1.0
     assert calls.count(c) == 1 and calls.count(a) == 4  # c was never in the top two
+
+
+@pytest.mark.parametrize("kv_runs", [True, False], ids=["runs", "index_lists"])
+@pytest.mark.parametrize("lengths", [(150, 230), (230, 150)], ids=["Lq150_Lkv230", "Lq230_Lkv150"])
+@pytest.mark.parametrize("variant", ["causal", "prefix_lm", "causal_offset_rows", "wide_window"])
+def test_block_mask_runs_walk(variant, lengths, kv_runs):
+    """A BlockMask whose partial and full kv blocks are one run each is walked from the runs' first
+    blocks in one loop, full run first (template RUNS); kernel_options KV_RUNS=False walks the
+    index lists. Both against the float64 reference; the kernel took the path it should."""
+    from inductor_flex import create_block_mask
+    from inductor_flex import kernel as K
+    from inductor_flex import variants as V
+    from inductor_flex.validation import validate_kernel_options
+
+    Lq, Lkv = lengths
+    q, k, v = make_inputs((1, 4, 2, Lq, Lkv, 40, 24), torch.float16, "cpu")
+    mods = {"causal": V.generate_causal_mask(), "prefix_lm": V.generate_prefix_lm_mask(45),
+            # rows before 60 see nothing (lse -inf), the rest a causal band shifted by 60
+            "causal_offset_rows": lambda b, h, qi, ki: qi - 60 >= ki,
+            "wide_window": V.generate_sliding_window(70)}  # over two 32-blocks: partial blocks at both ends
+    block_mask = create_block_mask(mods[variant], None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=32)
+    opts = {**TRITON, "KV_RUNS": kv_runs}
+    out, lse = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True, kernel_options=opts)
+    plan = K.cached_plan(q, k, v, None, block_mask, None, validate_kernel_options(dict(opts)))
+    consts = K.forward_launch(plan, q, k, v, out, lse, lse, plan.candidates[0])[2]
+    assert consts["RUNS"] == (kv_runs and variant != "wide_window")
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), None, block_mask)
+    low_out, low_lse, _ = math_attention(q, k, v, None, block_mask)
+    assert not torch.isnan(out).any()
+    assert_close_to_reference(out, ref_out, low_out, torch.float16, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.float16, "lse")
+    if variant == "causal_offset_rows":
+        assert (out[:, :, :60] == 0).all() and (lse[:, :, :60] == float("-inf")).all()
