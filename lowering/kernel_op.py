@@ -16,6 +16,7 @@ import torch
 
 from inductor_flex import compat
 from inductor_flex.validation import use_fast_tanh
+from .cpu import _operand
 
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
@@ -222,11 +223,10 @@ def _print_mods(score_mod, block_mask, score_bufs, mask_bufs, device, fast_tanh,
 
 
 def _tensor_operands(bufs, device):
-    """Symbolic integers a mod closes over (a Python int under dynamic=True: the head count of the
-    gallery's ALiBi) as 0-d int64 tensors: the printed kernel then reads the value at run time where
-    printing it would bake one value in and send the call to the decomposition."""
-    return tuple(torch.full((), b, dtype=torch.bool if isinstance(b, torch.SymBool) else torch.int64, device=device)
-                 if isinstance(b, (torch.SymInt, torch.SymBool)) else b for b in bufs)
+    """Symbolic numbers a mod closes over (a Python int under dynamic=True: the head count of the
+    gallery's ALiBi) as 0-d tensors (cpu._operand): the printed kernel then reads the value at run
+    time where printing it would bake one value in and send the call to the decomposition."""
+    return tuple(_operand(b, device) for b in bufs)
 
 
 def try_kernel_forward(query, key, value, score_mod, block_mask, scale, kernel_options, score_bufs, mask_bufs):
