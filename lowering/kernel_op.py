@@ -16,6 +16,7 @@ import torch
 
 from inductor_flex import compat
 from inductor_flex.validation import use_fast_tanh
+from .cpu import _operand
 
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
@@ -221,6 +222,13 @@ def _print_mods(score_mod, block_mask, score_bufs, mask_bufs, device, fast_tanh,
     return sm, s_order, s_fn, mm, m_order
 
 
+def _tensor_operands(bufs, device):
+    """Symbolic numbers a mod closes over (a Python int under dynamic=True: the head count of the
+    gallery's ALiBi) as 0-d tensors (cpu._operand): the printed kernel then reads the value at run
+    time where printing it would bake one value in and send the call to the decomposition."""
+    return tuple(_operand(b, device) for b in bufs)
+
+
 def try_kernel_forward(query, key, value, score_mod, block_mask, scale, kernel_options, score_bufs, mask_bufs):
     """The custom-op call for this forward, or None when the call takes the decomposition
     (math backend, shapes the kernel does not take, symbolic values captured by the mods, or a
@@ -233,6 +241,7 @@ def try_kernel_forward(query, key, value, score_mod, block_mask, scale, kernel_o
         return None
     fast_tanh = use_fast_tanh(opts, query.dtype, query.device.type == "cuda")
     device = query.device
+    score_bufs, mask_bufs = _tensor_operands(score_bufs, device), _tensor_operands(mask_bufs, device)
     with compat.disable_current_modes():
         mods = _print_mods(score_mod, block_mask, score_bufs, mask_bufs, device, fast_tanh, opts)
         if mods is None:
@@ -265,6 +274,8 @@ def try_kernel_backward(query, key, value, out, lse, grad_out, grad_lse, fw_grap
     opts = dict(kernel_options or {})
     if not _uses_kernel(query, key, value, block_mask, opts):
         return None
+    score_bufs = _tensor_operands(score_bufs, query.device)
+    mask_bufs = _tensor_operands(mask_bufs, query.device)
     floating = [isinstance(b, torch.Tensor) and b.dtype.is_floating_point for b in score_bufs]
     if opts.get("DETERMINISTIC", False) and any(floating):
         return None

@@ -191,9 +191,10 @@ def test_fused_kernel_graph_dynamic_lengths_and_backward():
     assert cnt.frame_count == 1
 
 
-def test_mod_depending_on_a_symbolic_length_takes_the_decomposition():
-    """q.shape[2] read by the mod is symbolic under dynamic=True: printing would bake one value
-    into the kernel, so this call is decomposed instead (and stays correct for every length)."""
+def test_mod_depending_on_a_symbolic_length_reads_it_at_run_time():
+    """q.shape[2] read by the mod is symbolic under dynamic=True: the fused kernel gets it as a 0-d
+    tensor operand and reads it at run time (printing its value would bake one length in; until
+    2026-11-27 such calls took the decomposition), correct for every length without a recompile."""
     def attn(q, k, v):
         return flex_attention(q, k, v, score_mod=lambda s, b, h, m, n: s + (q.shape[2] - m) * 0.01,
                               kernel_options=TRITON)
@@ -204,7 +205,7 @@ def test_mod_depending_on_a_symbolic_length_takes_the_decomposition():
         q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu")
         if L == 33:
             out, code = run_and_get_code(compiled, q, k, v)
-            assert code and not _kernel_in(code)
+            assert code and _kernel_in(code)
         else:
             out = compiled(q, k, v)
         ref, _, _ = math_attention(q.double(), k.double(), v.double(), lambda s, b, h, m, n: s + (L - m) * 0.01)
@@ -253,6 +254,43 @@ def test_dynamic_shapes_with_a_mod_closing_over_an_int(dtype):
         out = fn(q, k, v)
         g = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), g)
+        leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+        ref = math_attention(*leaves64, mod, None)[0]
+        ref_grads = torch.autograd.grad(ref, leaves64, g.double())
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        low = math_attention(*leaves, mod, None)[0]
+        low_grads = torch.autograd.grad(low, leaves, g)
+        assert_close_to_reference(out, ref, low, dtype, "out")
+        for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+            assert_close_to_reference(a, r, lo, dtype, name)
+    assert cnt.frame_count == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dynamic_int_operand_takes_the_fused_kernel(dtype):
+    """The same mod with BACKEND "TRITON" (the interpreter here, the GPU's path alike): the symbolic
+    int is handed to the fused kernel as a 0-d tensor it reads at run time, not baked into the print,
+    so the call keeps the custom op (forward and backward) across lengths."""
+    from inductor_flex.variants import generate_alibi_bias
+
+    mod = generate_alibi_bias(4)
+    cnt = compile_counter("inductor")
+    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=mod, kernel_options={"BACKEND": "TRITON"}),
+                       backend=cnt, fullgraph=True, dynamic=True)
+    for L in (40, 57):
+        q, k, v = make_inputs((1, 4, 4, L, L, 32, 32), dtype, "cpu", requires_grad=True)
+        g = torch.randn(1, 4, L, 32, dtype=dtype)
+
+        def step():
+            out = fn(q, k, v)
+            return out, torch.autograd.grad(out, (q, k, v), g)
+
+        if L == 40:
+            (out, grads), code = run_and_get_code(step)
+            code = "\n".join(code)
+            assert "inductor_flex.flex_forward" in code and "inductor_flex.flex_backward" in code
+        else:
+            out, grads = step()
         leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
         ref = math_attention(*leaves64, mod, None)[0]
         ref_grads = torch.autograd.grad(ref, leaves64, g.double())
