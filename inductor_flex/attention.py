@@ -74,6 +74,17 @@ def flex_attention(
     )
 
 
+def traced_block_mask_facts(block_mask: Optional[BlockMask], opts: dict) -> dict:
+    """What the kernels may assume of a BlockMask's lists, as private kernel options a compiled graph
+    holds as constants (Dynamo guards these attributes): its runs per side (block_mask.block_runs,
+    read by create_block_mask; False where not known, as for a mask built while tracing) and
+    whether its full blocks came from its mask_mod."""
+    if block_mask is None or opts.get("KV_RUNS") is False:
+        return {}
+    return {"_KV_RUNS": block_mask._runs_kv is True, "_Q_RUNS": block_mask._runs_q is True,
+            "_FULL_FROM_MASK_MOD": bool(block_mask.full_from_mask_mod)}
+
+
 def _check_return_options(return_lse, return_aux) -> None:
     if return_aux is not None and not isinstance(return_aux, AuxRequest):
         raise TypeError(f"return_aux must be an AuxRequest or None, got {type(return_aux).__name__}")
@@ -99,7 +110,9 @@ def _flex_attention_traced(query, key, value, score_mod, block_mask, scale, enab
     _check_return_options(return_lse, return_aux)
     opts = validate_kernel_options(kernel_options)
     # mask_mod cannot be evaluated while tracing: the refinement create_block_mask kept, if any
-    bm = block_mask_tuple(kernel_block_mask(block_mask, opts), query.shape[2], key.shape[2])
+    kbm = kernel_block_mask(block_mask, opts)
+    opts.update(traced_block_mask_facts(kbm, opts))
+    bm = block_mask_tuple(kbm, query.shape[2], key.shape[2])
     out, lse, max_scores = flex_attention_hop(
         query, key, value, identity_score if score_mod is None else score_mod, bm, scale, opts
     )

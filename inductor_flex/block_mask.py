@@ -58,6 +58,10 @@ def _dense_from_indices(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> to
 class BlockMask:
     """Block-sparse description of an attention mask (see the module docstring for the layout)."""
 
+    # block_runs per side, once known (None: not read yet); create_block_mask reads both
+    _runs_kv: Optional[bool] = None
+    _runs_q: Optional[bool] = None
+
     def __init__(
         self,
         seq_lengths: Tuple[int, int],
@@ -86,6 +90,9 @@ class BlockMask:
         # the same mask on 64 x 64 blocks, kept by create_block_mask when that saves the kernels
         # 10% of the area or more (kernel_block_mask); None otherwise
         self.refined: Optional["BlockMask"] = None
+        # True when the full blocks are where mask_mod holds everywhere (create_block_mask built
+        # them from it): evaluating mask_mod there changes nothing, which a kernel may use
+        self.full_from_mask_mod = False
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -171,6 +178,8 @@ class BlockMask:
             mv(self.full_q_indices), self.BLOCK_SIZE, self.mask_mod,
         )
         out.refined = self.refined.to(device) if self.refined is not None else None
+        out.full_from_mask_mod = self.full_from_mask_mod
+        out._runs_kv, out._runs_q = self._runs_kv, self._runs_q
         return out
 
     def __getitem__(self, index) -> "BlockMask":
@@ -202,10 +211,14 @@ class BlockMask:
         q_len = self.seq_lengths[0]
         if len(idx) == 3:
             q_len = min(kv_idx.shape[2] * self.BLOCK_SIZE[0], q_len)
-        return BlockMask.from_kv_blocks(
+        out = BlockMask.from_kv_blocks(
             kv_num, kv_idx, sel(self.full_kv_num_blocks), sel(self.full_kv_indices),
             BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=(q_len, self.seq_lengths[1]),
         )
+        out.full_from_mask_mod = self.full_from_mask_mod
+        # any subset of query blocks keeps each one's kv runs (the q side is read again if needed)
+        out._runs_kv = self._runs_kv or None
+        return out
 
     def to_string(self, grid_size: Tuple[int, int] = (20, 40), b: int = 0, h: int = 0) -> str:
         """ASCII picture of one (b, h) slice: '█' full, '░' partial, ' ' skipped.
@@ -303,7 +316,14 @@ def create_block_mask(
     partial = any_blk & ~all_blk
     full = all_blk
     bm = _from_maps(partial, full, (Q_LEN, KV_LEN), (q_bs, kv_bs), mask_mod)
+    bm.full_from_mask_mod = True
     _attach_refinement(bm)
+    if not torch.compiler.is_compiling() and bm.kv_indices.device.type != "meta":
+        # read now, with the refinement's device reads, so calls (and compiled graphs, which see
+        # these as constants) need none
+        for mask in (bm, bm.refined):
+            if mask is not None:
+                block_runs(mask, "kv"), block_runs(mask, "q")
     return bm
 
 
@@ -322,7 +342,9 @@ def refine_block_mask(block_mask: BlockMask, BLOCK_SIZE: Union[int, Tuple[int, i
     if q_bs % fq or kv_bs % fk:
         raise ValueError(f"refine_block_mask: BLOCK_SIZE {(fq, fk)} must divide the mask's BLOCK_SIZE {(q_bs, kv_bs)}")
     partial, full = _refined_maps(block_mask, fq, fk)
-    return _from_maps(partial, full, block_mask.seq_lengths, (fq, fk), block_mask.mask_mod)
+    out = _from_maps(partial, full, block_mask.seq_lengths, (fq, fk), block_mask.mask_mod)
+    out.full_from_mask_mod = block_mask.full_from_mask_mod  # full fine blocks come from full coarse ones too
+    return out
 
 
 def _refined_maps(block_mask: BlockMask, fq: int, fk: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -412,6 +434,7 @@ def _attach_refinement(bm: BlockMask) -> None:
     partial, full = _refined_maps(bm, FINE_BLOCK, FINE_BLOCK)
     if refinement_pays(bm, partial, full):
         bm.refined = _from_maps(partial, full, bm.seq_lengths, (FINE_BLOCK, FINE_BLOCK), bm.mask_mod)
+        bm.refined.full_from_mask_mod = bm.full_from_mask_mod
 
 
 def kernel_block_mask(block_mask: Optional[BlockMask], opts: dict) -> Optional[BlockMask]:
@@ -473,9 +496,8 @@ def block_runs(block_mask: BlockMask, side: str = "kv") -> bool:
     (side "kv"; side "q": every kv block's query blocks). Causal, prefix-LM and narrow windows;
     not packed documents in general. A kernel loop then needs a row's first index only, no index
     load per tile (the warp-specialized forward cannot take one). One device read per BlockMask
-    and side, kept on it."""
-    key = "_runs_" + side
-    hit = block_mask.__dict__.get(key)
+    and side, kept on it (create_block_mask reads both)."""
+    hit = getattr(block_mask, "_runs_" + side)
     if hit is None:
         if side == "q":
             lists = ((block_mask.q_num_blocks, block_mask.q_indices),
@@ -486,7 +508,8 @@ def block_runs(block_mask: BlockMask, side: str = "kv") -> bool:
         ok = _one_run(*lists[0])
         if lists[1][0] is not None:
             ok = ok & _one_run(*lists[1])
-        hit = block_mask.__dict__[key] = bool(ok.item())
+        hit = bool(ok.item())
+        setattr(block_mask, "_runs_" + side, hit)
     return hit
 
 

@@ -61,10 +61,15 @@ def _with_buffers(fn: Callable, buffers: tuple) -> Callable:
     return bound
 
 
-def _as_block_mask(bm: tuple, mask_mod_buffers: tuple) -> Optional[BlockMask]:
+def _as_block_mask(bm: tuple, mask_mod_buffers: tuple, opts: Optional[dict] = None) -> Optional[BlockMask]:
     if bm[2] is None:
         return None
-    return BlockMask((bm[0], bm[1]), *bm[BM_TENSORS], (bm[10], bm[11]), _with_buffers(bm[BM_MASK_MOD], mask_mod_buffers))
+    out = BlockMask((bm[0], bm[1]), *bm[BM_TENSORS], (bm[10], bm[11]), _with_buffers(bm[BM_MASK_MOD], mask_mod_buffers))
+    # what tracing knew of the lists (attention.traced_block_mask_facts): no device read per call
+    opts = opts or {}
+    out._runs_kv, out._runs_q = bool(opts.get("_KV_RUNS")), bool(opts.get("_Q_RUNS"))
+    out.full_from_mask_mod = bool(opts.get("_FULL_FROM_MASK_MOD"))
+    return out
 
 
 def _stats_dtype(query: torch.Tensor) -> torch.dtype:
@@ -110,7 +115,7 @@ def dense_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     # the eager rule of the HOP (backends eager / aot_eager): the same backend choice as an eager
     # call, so CUDA tensors run the fused kernel with the traced mods printed into it
     sm = None if score_mod is identity_score else _with_buffers(score_mod, score_bufs)
-    bm = _as_block_mask(block_mask, mask_bufs)
+    bm = _as_block_mask(block_mask, mask_bufs, kernel_options)
     opts = dict(kernel_options or {})
     opts.setdefault("BACKEND", "AUTO")
     with torch.no_grad():
@@ -132,7 +137,7 @@ def dense_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
                    kernel_options, score_bufs, mask_bufs):
     # the same choice as the forward: the fused backward kernels where the forward ran the kernel
     sm = None if fw_graph is identity_score else _with_buffers(fw_graph, score_bufs)
-    bm = _as_block_mask(block_mask, mask_bufs)
+    bm = _as_block_mask(block_mask, mask_bufs, kernel_options)
     opts = dict(kernel_options or {})
     opts.setdefault("BACKEND", "AUTO")
     from .attention import _choose_backend

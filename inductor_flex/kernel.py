@@ -470,7 +470,9 @@ def _refined(block_mask: Optional[BlockMask], mask: PrintedMod, B: int, Hq: int,
     partial, full = _refined_maps(block_mask, FINE_BLOCK, FINE_BLOCK)
     if flag is None and not refinement_pays(block_mask, partial, full):
         return None
-    return _from_maps(partial, full, block_mask.seq_lengths, (FINE_BLOCK, FINE_BLOCK), block_mask.mask_mod)
+    fine = _from_maps(partial, full, block_mask.seq_lengths, (FINE_BLOCK, FINE_BLOCK), block_mask.mask_mod)
+    fine.full_from_mask_mod = block_mask.full_from_mask_mod
+    return fine
 
 
 def template_hooks(sm: PrintedMod, mm: PrintedMod) -> dict:
@@ -587,6 +589,9 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
         # (Triton 3.6's Hopper warp specialization fails to build it: "PassManager::run failed")
         SEPARABLE=use_separable(plan.score, plan.opts, query.dtype) and not ws,
         RUNS=not dense and plan_runs(plan),
+        # the specialized loop runs mask_mod on every tile (no branch on the tile there): full ones
+        # need no exemption when mask_mod holds on them anyway (block_mask.full_from_mask_mod)
+        MASK_ON_FULL=ws and not dense and plan.block_mask.full_from_mask_mod,
     )
     grid = (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq)
     return grid, args, constexprs

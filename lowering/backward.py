@@ -219,7 +219,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
 
     qk_scale = scale if has_score_mod else scale * 1.4426950408889634
     common = dict(HAS_SCORE_MOD=has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
-                  SPARSE_Q=sparse[0], SPARSE_KV=sparse[1], DENSE=dense, SEPARABLE=bool(parts), RUNS=False,
+                  SPARSE_Q=sparse[0], SPARSE_KV=sparse[1], DENSE=dense, SEPARABLE=bool(parts),
                   DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"')
     interpret = device.type == "cpu"
     # the eager rule: small problems take each kernel's first candidate, without benchmarks
@@ -246,6 +246,8 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
             HAS_GRAD_LSE=grad_lse is not None,
             EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M),
             EVEN_N=compat.known_multiple_of(Lkv, cfg.BLOCK_N if dense else sparse[1]), **common,
+            # a query block's kv blocks are runs (known when traced: attention.traced_block_mask_facts)
+            RUNS=not dense and bool(opts.get("_KV_RUNS")),
         ) or error
     if not choices:
         raise RuntimeError(f"inductor_flex: no dQ template config could be generated: {error}")
@@ -268,6 +270,7 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, FUSED_DQ=False,
             EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M if dense else sparse[0]),
             EVEN_N=compat.known_multiple_of(Lkv, cfg.BLOCK_N), **common,
+            RUNS=not dense and bool(opts.get("_Q_RUNS")),  # a kv block's query blocks are runs
         ) or error
     if not choices:
         raise RuntimeError(f"inductor_flex: no dK/dV template config could be generated: {error}")

@@ -337,7 +337,8 @@ def _stand_in_block_mask(has_full: bool, nq: int, nk: int, side: str = "kv", off
     unknown at compile time): a causal block pattern, the diagonal block partial and the blocks
     left of it full. Causal-like masks (causal, document, sliding window, prefix-LM) are the common
     case, and a mask of all-partial blocks made the benchmarks pick configs that ran the causal
-    forward 9% slower than the eager autotuner's pick (H200, S=4096, D=128)."""
+    forward 9% slower than the eager autotuner's pick (H200, S=4096, D=128). Its lists are runs, so
+    kernels rendered to walk runs (RUNS) read them within bounds."""
     diag = torch.clamp(torch.arange(nq) * nk // nq, max=nk - 1)
     cols = torch.arange(nk)[None, :]
     partial, full = cols == diag[:, None], cols < diag[:, None]
@@ -366,12 +367,15 @@ def _rows_matrix(node) -> bool:
         return False
 
 
-def ws_applies(query, key, value, dense: bool, score_bufs, dtype) -> bool:
-    """Whether the warp-specialized forward config can run: as kernel.ws_applies (no BlockMask, no
-    captured tensors), 16-bit, on a Hopper GPU, Q/K/V each one row matrix."""
+def ws_applies(query, key, value, dense: bool, score_bufs, dtype, runs: bool = False, mask_bufs=(),
+               sparse=(128, 128)) -> bool:
+    """Whether the warp-specialized forward config can run: as kernel.ws_applies (no BlockMask, or
+    one whose kv lists are runs on 128-multiple blocks with a mask_mod that captures no tensor; no
+    captured tensors in the score_mod), 16-bit, on a Hopper GPU, Q/K/V each one row matrix."""
     from .configs import warp_specialize_supported
 
-    return (dense and not score_bufs and dtype in (torch.float16, torch.bfloat16)
+    masked_ok = runs and not mask_bufs and sparse[0] % 128 == 0 and sparse[1] % 128 == 0
+    return ((dense or masked_ok) and not score_bufs and dtype in (torch.float16, torch.bfloat16)
             and warp_specialize_supported(query.get_device())
             and all(_rows_matrix(t) for t in (query, key, value)))
 
@@ -430,7 +434,9 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     layout = ir.FixedLayout(device, dtype, [B, Hq, Lq, Ev], ir.FlexibleLayout.contiguous_strides([B, Hq, Lq, Ev]))
     configs = forward_configs(E, Ev, dtype, sparse, device, interpret=device.type == "cpu")
     pinned = [k for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in opts]
-    ws_ok = ws_applies(query, key, value, dense, score_bufs, dtype)
+    # the BlockMask's lists are runs (known when traced: attention.traced_block_mask_facts)
+    runs = not dense and bool(opts.get("_KV_RUNS"))
+    ws_ok = ws_applies(query, key, value, dense, score_bufs, dtype, runs, mask_bufs, sparse)
     if not pinned and (ws_ok or "WARP_SPECIALIZE" in opts):
         # (before the one-config rule: kernel_options WARP_SPECIALIZE=True keeps only it). Where the
         # specialized loop does not apply, its candidate stays unless asked away and runs as a plain
@@ -471,7 +477,8 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
             EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M), EVEN_N=even_n,
             DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"', DENSE=dense, HAS_FULL=has_full,
             # (Triton 3.6 does not build the separable form in the specialized loop: kernel.forward_launch)
-            SPLIT_P=False, USE_TMA=ws, WARP_SPECIALIZE=ws, SEPARABLE=bool(parts) and not ws, RUNS=False,
+            SPLIT_P=False, USE_TMA=ws, WARP_SPECIALIZE=ws, SEPARABLE=bool(parts) and not ws,
+            RUNS=runs, MASK_ON_FULL=ws and runs and bool(opts.get("_FULL_FROM_MASK_MOD")),
         ) or error
     if not choices:
         raise RuntimeError(f"inductor_flex: no forward template config could be generated: {error}")

@@ -286,3 +286,23 @@ def test_kv_runs_reads_only_the_listed_blocks_and_their_order():
     assert kv_runs(blocks([2, 0, 3], [[2, 3, 0, 1], [3, 0, 1, 2], [1, 2, 3, 0]]))  # past num: ignored
     assert not kv_runs(blocks([2, 3], [[3, 2, 0, 1], [0, 1, 2, 3]]))  # descending
     assert not kv_runs(blocks([3, 1], [[0, 1, 3, 2], [0, 1, 2, 3]]))  # a gap
+
+
+def test_full_from_mask_mod_follows_how_the_mask_was_built():
+    """full_from_mask_mod: create_block_mask's full blocks are where its mask_mod holds, so a kernel
+    may evaluate it there; kept by to(), slicing and refinement, and off for lists given by hand."""
+    from inductor_flex.block_mask import refine_block_mask
+
+    bm = create_block_mask(generate_causal_mask(), None, None, 256, 256, device="cpu", BLOCK_SIZE=128)
+    assert bm.full_from_mask_mod
+    assert bm.to("cpu").full_from_mask_mod and bm[:, :, 1:].full_from_mask_mod
+    assert refine_block_mask(bm, 64).full_from_mask_mod
+    def chunks(b, h, q_idx, kv_idx):  # causal within chunks of 50: the 64-grid saves enough to keep
+        return (q_idx // 50 == kv_idx // 50) & (q_idx >= kv_idx)
+
+    fine = create_block_mask(chunks, None, None, 256, 256, device="cpu", BLOCK_SIZE=128)
+    assert fine.refined is not None and fine.refined.full_from_mask_mod  # the attached refinement too
+    by_hand = BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                                       BLOCK_SIZE=128, mask_mod=bm.mask_mod)
+    assert not by_hand.full_from_mask_mod
+    assert not refine_block_mask(by_hand, 64).full_from_mask_mod

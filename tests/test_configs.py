@@ -61,6 +61,30 @@ def test_warp_specialization_applies_without_captured_tensors_to_block_masks_of_
     assert not K.ws_applies(plan(None, mask(lambda b, h, qi, ki: ki < limit), REFINE_BLOCK_MASK=False))
 
 
+def test_the_specialized_loop_runs_mask_mod_on_full_blocks_only_where_they_came_from_it():
+    """MASK_ON_FULL: create_block_mask's full blocks are where its mask_mod holds, so the specialized
+    loop may evaluate it on every tile; for lists given by hand it keeps mask_mod off full blocks."""
+    from inductor_flex import BlockMask
+
+    q = torch.randn(1, 2, 512, 64, dtype=torch.bfloat16)
+    opts = {"BACKEND": "TRITON", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2,
+            "WARP_SPECIALIZE": True}
+    causal = create_block_mask(generate_causal_mask(), None, None, 512, 512, device="cpu")
+    by_hand = BlockMask.from_kv_blocks(causal.kv_num_blocks, causal.kv_indices, causal.full_kv_num_blocks,
+                                       causal.full_kv_indices, BLOCK_SIZE=128, mask_mod=causal.mask_mod)
+
+    def consts(block_mask):
+        plan = K.ForwardPlan(q, q, q, None, block_mask, None, opts)
+        plan.interpret = False  # as on the GPU: the interpreter alone never specializes
+        return K.forward_launch(plan, q, q, q, torch.empty_like(q), q, q, plan.pinned)[2]
+
+    assert consts(causal)["WARP_SPECIALIZE"] and consts(causal)["MASK_ON_FULL"]
+    assert consts(by_hand)["WARP_SPECIALIZE"] and not consts(by_hand)["MASK_ON_FULL"]
+    plain = dict(opts, WARP_SPECIALIZE=False)
+    plan = K.ForwardPlan(q, q, q, None, causal, None, plain)
+    assert not K.forward_launch(plan, q, q, q, torch.empty_like(q), q, q, plan.pinned)[2]["MASK_ON_FULL"]
+
+
 def test_a_pinned_warp_specialized_config_launches_plain_where_it_cannot_build():
     q = torch.randn(1, 2, 256, 64, dtype=torch.bfloat16)
     causal = create_block_mask(generate_causal_mask(), None, None, 256, 256, device="cpu")
@@ -76,7 +100,7 @@ def test_a_pinned_warp_specialized_config_launches_plain_where_it_cannot_build()
         return K.forward_launch(plan, x, x, x, out.to(dtype), lse, lse, plan.pinned)[2]["WARP_SPECIALIZE"]
 
     assert launched_specialized(None)
-    assert launched_specialized(causal)  # its kv blocks are runs (block_mask.kv_runs)
+    assert launched_specialized(causal)  # its kv blocks are runs (block_mask.block_runs)
     limit = torch.tensor(100)  # a mask_mod's load inside the specialized loop: not built
     assert not launched_specialized(create_block_mask(lambda b, h, qi, ki: ki < limit, None, None, 256, 256,
                                                       device="cpu"))

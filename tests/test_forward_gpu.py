@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from inductor_flex import create_block_mask, flex_attention
+from inductor_flex import BlockMask, create_block_mask, flex_attention
 from inductor_flex.attention import _choose_backend
 from inductor_flex.reference import math_attention
 from inductor_flex.validation import validate_kernel_options
@@ -87,11 +87,14 @@ def test_forward_gpu_warp_specialized(variant, shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("lengths", [(1000, 1000), (777, 1500), (1500, 777), (4096, 4096)],
                          ids=["S1000", "Lq777_Lkv1500", "Lq1500_Lkv777", "S4096"])
-@pytest.mark.parametrize("variant", ["causal", "prefix_lm", "causal_softcap", "causal_alibi", "sliding_window"])
+@pytest.mark.parametrize("variant", ["causal", "prefix_lm", "causal_softcap", "causal_alibi", "sliding_window",
+                                     "declared_full"])
 def test_forward_gpu_warp_specialized_block_mask(variant, lengths, dtype):
     """A BlockMask of 128-blocks whose partial and full kv blocks are runs (causal, prefix-LM) takes
     the warp-specialized loop (one loop over both runs, mask_mod on the partial ones); one that is
-    not (sliding window: partial blocks at both ends) runs the same pinned config plain."""
+    not (sliding window: partial blocks at both ends) runs the same pinned config plain.
+    declared_full: lists given by hand that call every block full under a causal mask_mod: full
+    blocks skip mask_mod, so nothing is masked (MASK_ON_FULL off), as the reference says."""
     from inductor_flex import kernel as K
     from inductor_flex import variants as V
     from inductor_flex.lowering.configs import warp_specialize_supported
@@ -104,12 +107,19 @@ def test_forward_gpu_warp_specialized_block_mask(variant, lengths, dtype):
     score_mod = {"causal_softcap": V.generate_tanh_softcap(20.0), "causal_alibi": V.generate_alibi_bias(8)}.get(variant)
     mask_mod = masks.get(variant, V.generate_causal_mask())
     block_mask = create_block_mask(mask_mod, None, None, Lq, Lkv, device="cuda", BLOCK_SIZE=128)
+    if variant == "declared_full":
+        nq, nk = -(-Lq // 128), -(-Lkv // 128)
+        every = torch.arange(nk, device="cuda", dtype=torch.int32).expand(1, 1, nq, nk).contiguous()
+        none = torch.zeros(1, 1, nq, dtype=torch.int32, device="cuda")
+        block_mask = BlockMask.from_kv_blocks(none, every, none + nk, every, BLOCK_SIZE=128, mask_mod=mask_mod,
+                                              seq_lengths=(Lq, Lkv))
     opts = dict(WS_OPTIONS, REFINE_BLOCK_MASK=False)
     out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True, return_lse=True,
                               kernel_options=opts)
     plan = K.cached_plan(q, k, v, score_mod, block_mask, None, validate_kernel_options(dict(opts)))
     _, _, consts = K.forward_launch(plan, q, k, v, out, lse, lse, plan.config)
     assert consts["WARP_SPECIALIZE"] == consts["RUNS"] == (variant != "sliding_window")
+    assert consts["MASK_ON_FULL"] == (variant not in ("sliding_window", "declared_full"))
     ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), score_mod, block_mask)
     low_out, low_lse, _ = math_attention(q, k, v, score_mod, block_mask)
     assert not torch.isnan(out).any()

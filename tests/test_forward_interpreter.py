@@ -505,3 +505,24 @@ def test_block_mask_runs_walk(variant, lengths, kv_runs):
     assert_close_to_reference(lse, ref_lse, low_lse, torch.float16, "lse")
     if variant == "causal_offset_rows":
         assert (out[:, :, :60] == 0).all() and (lse[:, :, :60] == float("-inf")).all()
+
+
+def test_block_mask_runs_walk_keeps_mask_mod_off_blocks_declared_full():
+    """Lists given by hand that call every block full under a causal mask_mod: full blocks skip
+    mask_mod, so the runs walk masks nothing, as the reference (and the index-list walk) say."""
+    from inductor_flex import BlockMask
+    from inductor_flex import variants as V
+
+    Lq, Lkv = 70, 90
+    q, k, v = make_inputs((1, 2, 2, Lq, Lkv, 16, 16), torch.float16, "cpu")
+    nq, nk = -(-Lq // 32), -(-Lkv // 32)
+    every = torch.arange(nk, dtype=torch.int32).expand(1, 1, nq, nk).contiguous()
+    none = torch.zeros(1, 1, nq, dtype=torch.int32)
+    bm = BlockMask.from_kv_blocks(none, every, none + nk, every, BLOCK_SIZE=32, mask_mod=V.generate_causal_mask(),
+                                  seq_lengths=(Lq, Lkv))
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double())  # nothing masked
+    low_out, low_lse, _ = math_attention(q, k, v)
+    for runs in (True, False):
+        out, lse = flex_attention(q, k, v, block_mask=bm, return_lse=True, kernel_options={**TRITON, "KV_RUNS": runs})
+        assert_close_to_reference(out, ref_out, low_out, torch.float16, "out")
+        assert_close_to_reference(lse, ref_lse, low_lse, torch.float16, "lse")

@@ -156,7 +156,8 @@ def test_inductor_sources_compile_for_sm90(interpreted_inductor, tmp_path, monke
     with monkeypatch.context() as m:
         _ws_on_cpu(m)
         for variant, shape, dtype in [("noop", "gqa4x2_E64_Ev32", torch.float16),
-                                      ("alibi", "E128_Lq33_Lkv65", torch.bfloat16)]:
+                                      ("alibi", "E128_Lq33_Lkv65", torch.bfloat16),
+                                      ("causal", "E128_Lq33_Lkv65", torch.bfloat16)]:  # BlockMask runs
             dims = SHAPES[shape]
             q, k, v = make_inputs(dims, dtype, "cpu")
             score_mod, block_mask = make_variant(variant, dims[3], dims[4], dims[1], "cpu", block=128)
@@ -174,6 +175,7 @@ def test_inductor_sources_compile_for_sm90(interpreted_inductor, tmp_path, monke
     sources = sorted(set(InterpretedKernel.sources))
     ws = [s for s in sources if "WARP_SPECIALIZE : tl.constexpr = True" in s]
     assert {"HAS_SCORE_MOD : tl.constexpr = True" in s for s in ws} == {True, False}  # ALiBi and noop
+    assert any("RUNS : tl.constexpr = True" in s and "MASK_ON_FULL : tl.constexpr = True" in s for s in ws)  # causal
     assert sum("_bwd_dkdv_inner" in s for s in sources) >= 3 and sum("_bwd_dq_inner" in s for s in sources) >= 3
     assert len(sources) >= 10
     for i, src in enumerate(sources):
@@ -325,9 +327,11 @@ def test_small_problems_take_one_config(interpreted_inductor, monkeypatch, pays)
 
 
 def _ws_on_cpu(monkeypatch):
-    # the warp-specialized config's rule, minus "a Hopper GPU" (CPU here: the interpreter runs it)
-    monkeypatch.setattr(template, "ws_applies", lambda q, k, v, dense, bufs, dtype: (
-        dense and not bufs and dtype in (torch.float16, torch.bfloat16) and all(template._rows_matrix(t) for t in (q, k, v))))
+    # the warp-specialized config's rule as it is, with "a Hopper GPU" granted (CPU here: the
+    # interpreter runs the specialized source unspecialized)
+    from inductor_flex.lowering import configs
+
+    monkeypatch.setattr(configs, "warp_specialize_supported", lambda device: True)
 
 
 WS_PIN = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, WARP_SPECIALIZE=True)
@@ -378,3 +382,70 @@ def test_pinned_config_from_a_closure_under_dynamic_shapes(interpreted_inductor)
     opts = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     check_dynamic_lengths(lambda q, k, v: flex_attention(q, k, v, return_lse=True, kernel_options=opts), None,
                           lambda L: (1, 2, 2, L, L, 64, 64), torch.float16, "'BLOCK_M': 32")
+
+
+def test_compiled_kernels_walk_block_mask_runs_and_recompile_for_other_masks(interpreted_inductor):
+    """Under torch.compile the kernels learn at trace time whether the BlockMask's lists are runs
+    (create_block_mask read it; attention.traced_block_mask_facts) and walk them so (RUNS) in the
+    forward, dQ and dK/dV; a mask whose lists are not runs, passed to the same compiled function,
+    recompiles to the index walk (Dynamo guards the facts). Forward and gradients vs float64."""
+    from torch._inductor.utils import run_and_get_code
+
+    from inductor_flex import BlockMask, create_block_mask
+    from inductor_flex import variants as V
+
+    L = 150
+    q, k, v = make_inputs((1, 2, 2, L, L, 32, 32), torch.float16, "cpu", requires_grad=True)
+    g = torch.randn(1, 2, L, 32, dtype=torch.float16)
+    cnt = compile_counter("inductor")
+
+    @torch.compile(backend=cnt, fullgraph=True)
+    def attend(q, k, v, block_mask):
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+    def step(block_mask):
+        out = attend(q, k, v, block_mask)
+        return out, torch.autograd.grad(out, (q, k, v), g)
+
+    causal = create_block_mask(V.generate_causal_mask(), None, None, L, L, device="cpu", BLOCK_SIZE=32)
+    window = create_block_mask(V.generate_sliding_window(70), None, None, L, L, device="cpu", BLOCK_SIZE=32)
+    # the window's lists (not runs) under the causal mask_mod, built by hand: the same mods and
+    # shapes as the first call, so only the facts the graph guards on tell them apart
+    by_hand = BlockMask.from_kv_blocks(window.kv_num_blocks, window.kv_indices, window.full_kv_num_blocks,
+                                       window.full_kv_indices, BLOCK_SIZE=32, mask_mod=causal.mask_mod)
+    assert (causal._runs_kv, causal._runs_q, window._runs_kv, window._runs_q) == (True, True, False, False)
+    assert by_hand._runs_kv is None  # not read: the trace takes it as not runs
+    for bm, runs in ((causal, True), (by_hand, False)):
+        (out, grads), code = run_and_get_code(step, bm)
+        code = "\n".join(code)
+        assert code.count("'RUNS': True") == (3 if runs else 0)  # forward, dQ, dK/dV
+        assert code.count("'RUNS': False") == (0 if runs else 3)
+        ref_out, _, _ = reference64(q, k, v, None, bm)
+        low_out, _, _ = reference_same_dtype(q, k, v, None, bm)
+        assert_close_to_reference(out, ref_out, low_out, torch.float16, "out")
+        assert_grads_close(q, k, v, grads, g, None, bm, torch.float16)
+    assert cnt.frame_count == 2  # the second mask recompiled (on the runs facts alone)
+
+
+def test_warp_specialized_config_renders_for_a_block_mask_of_runs(interpreted_inductor, monkeypatch):
+    """A causal BlockMask of 128-blocks (lists that are runs, full blocks from its mask_mod) takes
+    the warp-specialized forward under torch.compile too: one loop over both runs, mask_mod on every
+    tile (MASK_ON_FULL). Output and lse vs float64 (the interpreter runs it unspecialized)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from inductor_flex import create_block_mask
+    from inductor_flex import variants as V
+
+    _ws_on_cpu(monkeypatch)
+    L = 300
+    q, k, v = make_inputs((1, 2, 2, L, L, 64, 64), torch.float16, "cpu")
+    bm = create_block_mask(V.generate_causal_mask(), None, None, L, L, device="cpu", BLOCK_SIZE=128)
+    fn, _ = _compiled(None, bm, False, kernel_options=WS_PIN)
+    (out, lse), code = run_and_get_code(fn, q, k, v)
+    code = "\n".join(code)
+    for flag in ("WARP_SPECIALIZE", "USE_TMA", "RUNS", "MASK_ON_FULL"):
+        assert f"'{flag}': True" in code, flag
+    ref_out, ref_lse, _ = reference64(q, k, v, None, bm)
+    low_out, low_lse, _ = reference_same_dtype(q, k, v, None, bm)
+    assert_close_to_reference(out, ref_out, low_out, torch.float16, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.float16, "lse")
