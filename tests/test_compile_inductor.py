@@ -13,7 +13,7 @@ from inductor_flex.reference import math_attention
 from inductor_flex.variants import generate_causal_mask, generate_doc_mask_mod
 
 from cases import SHAPES, VARIANTS, make_inputs, make_variant
-from conftest import assert_close_to_reference, compile_counter
+from conftest import assert_close_to_reference, assert_grads_close, compile_counter, reference64
 
 
 @pytest.mark.parametrize("shape", ["odd37_E40", "gqa4x2_E64_Ev32", "Lq50_Lkv97"])
@@ -254,15 +254,8 @@ def test_dynamic_shapes_with_a_mod_closing_over_an_int(dtype):
         out = fn(q, k, v)
         g = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), g)
-        leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-        ref = math_attention(*leaves64, mod, None)[0]
-        ref_grads = torch.autograd.grad(ref, leaves64, g.double())
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        low = math_attention(*leaves, mod, None)[0]
-        low_grads = torch.autograd.grad(low, leaves, g)
-        assert_close_to_reference(out, ref, low, dtype, "out")
-        for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
-            assert_close_to_reference(a, r, lo, dtype, name)
+        assert_close_to_reference(out, reference64(q, k, v, mod)[0], math_attention(q, k, v, mod)[0], dtype, "out")
+        assert_grads_close(q, k, v, grads, g, mod, None, dtype)
     assert cnt.frame_count == 1
 
 
@@ -291,13 +284,6 @@ def test_dynamic_int_operand_takes_the_fused_kernel(dtype):
             assert "inductor_flex.flex_forward" in code and "inductor_flex.flex_backward" in code
         else:
             out, grads = step()
-        leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-        ref = math_attention(*leaves64, mod, None)[0]
-        ref_grads = torch.autograd.grad(ref, leaves64, g.double())
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        low = math_attention(*leaves, mod, None)[0]
-        low_grads = torch.autograd.grad(low, leaves, g)
-        assert_close_to_reference(out, ref, low, dtype, "out")
-        for name, a, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
-            assert_close_to_reference(a, r, lo, dtype, name)
+        assert_close_to_reference(out, reference64(q, k, v, mod)[0], math_attention(q, k, v, mod)[0], dtype, "out")
+        assert_grads_close(q, k, v, grads, g, mod, None, dtype)
     assert cnt.frame_count == 1
