@@ -175,8 +175,12 @@ class PagedKVCache:
         q_num, q_idx = _ordered_indices(p_phys.transpose(-1, -2))
         fq_num, fq_idx = _ordered_indices(f_phys.transpose(-1, -2))
         mask_mod = self.get_mask_mod(block_mask.mask_mod, batch_idx, kv_len=kv_len)
-        return BlockMask((block_mask.seq_lengths[0], self.capacity), kv_num, kv_idx, f_num, f_idx,
-                         q_num, q_idx, fq_num, fq_idx, (q_bs, kv_bs), mask_mod)
+        out = BlockMask((block_mask.seq_lengths[0], self.capacity), kv_num, kv_idx, f_num, f_idx,
+                        q_num, q_idx, fq_num, fq_idx, (q_bs, kv_bs), mask_mod)
+        # made anew every step: its lists are walked as lists, with no device read to learn
+        # whether pages happen to lie in runs (block_mask.block_runs)
+        out._runs_kv = out._runs_q = False
+        return out
 
     def _to_logical(self, batch_idx: Optional[torch.Tensor]) -> Callable:
         """(b, physical kv_idx) -> (logical kv_idx, page assigned?) as tensor ops a mod can use."""
