@@ -513,10 +513,5 @@ def block_runs(block_mask: BlockMask, side: str = "kv") -> bool:
     return hit
 
 
-def kv_runs(block_mask: BlockMask) -> bool:
-    """block_runs on the kv side: what the forward and the dQ kernel walk."""
-    return block_runs(block_mask, "kv")
-
-
 def noop_block_mask(Q_LEN: int, KV_LEN: int, device, BLOCK_SIZE: Sequence[int] = (128, 128)) -> BlockMask:
     return create_block_mask(noop_mask, None, None, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=tuple(BLOCK_SIZE))

@@ -39,7 +39,7 @@ KNOWN_KERNEL_OPTIONS = {
     # warp-specialized forward configs (Hopper): False never, True only them, absent: autotuning picks
     "WARP_SPECIALIZE": bool,
     # the forward walks a BlockMask whose kv blocks form runs (causal, prefix-LM) with no index
-    # loads, in one loop the warp-specialized config can take (default on; block_mask.kv_runs)
+    # loads, in one loop the warp-specialized config can take (default on; block_mask.block_runs)
     "KV_RUNS": bool,
     # a score_mod that is a * score + key bias + row bias runs as one FMA per score (kernel.use_separable)
     "SEPARABLE_SCORE_MOD": bool,

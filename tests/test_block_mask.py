@@ -253,12 +253,17 @@ def _runs_by_hand(num, idx):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("causal", True), ("prefix_lm", True), ("narrow_window", True), ("wide_window", False), ("documents", False),
+    ("causal", (True, True)), ("prefix_lm", (True, True)), ("narrow_window", (True, True)),
+    ("wide_window", (False, False)),
+    # a query block's partial kv blocks sit at its document's start and at the diagonal, full ones
+    # between them (not one run); each kv block's query blocks are one run of each kind
+    ("documents", (False, True)),
 ])
-def test_kv_runs(name, expected):
-    """kv_runs: whether every query block's partial kv blocks, and its full ones, are one ascending
-    run each (what lets the forward walk them with no index loads); checked against the lists."""
-    from inductor_flex.block_mask import kv_runs
+def test_block_runs(name, expected):
+    """block_runs: whether every query block's partial kv blocks, and its full ones, are one
+    ascending run each (side "kv"), and every kv block's query blocks (side "q"): what lets the
+    kernels walk them with no index loads. Read by create_block_mask; checked against the lists."""
+    from inductor_flex.block_mask import block_runs
     from inductor_flex.variants import generate_prefix_lm_mask
 
     L = 1024
@@ -270,22 +275,23 @@ def test_kv_runs(name, expected):
         "documents": documents,
     }
     bm = create_block_mask(mods[name], None, None, L, L, device="cpu", BLOCK_SIZE=128)
-    by_hand = _runs_by_hand(bm.kv_num_blocks[0, 0], bm.kv_indices[0, 0]) and _runs_by_hand(
-        bm.full_kv_num_blocks[0, 0], bm.full_kv_indices[0, 0])
-    assert kv_runs(bm) == by_hand == expected
+    for side, lists in (("kv", ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices))),
+                        ("q", ((bm.q_num_blocks, bm.q_indices), (bm.full_q_num_blocks, bm.full_q_indices)))):
+        by_hand = all(_runs_by_hand(num[0, 0], idx[0, 0]) for num, idx in lists)
+        assert getattr(bm, "_runs_" + side) == block_runs(bm, side) == by_hand == expected[side == "q"], side
 
 
-def test_kv_runs_reads_only_the_listed_blocks_and_their_order():
-    from inductor_flex.block_mask import kv_runs
+def test_block_runs_reads_only_the_listed_blocks_and_their_order():
+    from inductor_flex.block_mask import block_runs
 
     def blocks(num, idx):
         num = torch.tensor(num, dtype=torch.int32).view(1, 1, -1)
         idx = torch.tensor(idx, dtype=torch.int32).view(1, 1, len(idx), -1)
         return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=128)
 
-    assert kv_runs(blocks([2, 0, 3], [[2, 3, 0, 1], [3, 0, 1, 2], [1, 2, 3, 0]]))  # past num: ignored
-    assert not kv_runs(blocks([2, 3], [[3, 2, 0, 1], [0, 1, 2, 3]]))  # descending
-    assert not kv_runs(blocks([3, 1], [[0, 1, 3, 2], [0, 1, 2, 3]]))  # a gap
+    assert block_runs(blocks([2, 0, 3], [[2, 3, 0, 1], [3, 0, 1, 2], [1, 2, 3, 0]]))  # past num: ignored
+    assert not block_runs(blocks([2, 3], [[3, 2, 0, 1], [0, 1, 2, 3]]))  # descending
+    assert not block_runs(blocks([3, 1], [[0, 1, 3, 2], [0, 1, 2, 3]]))  # a gap
 
 
 def test_full_from_mask_mod_follows_how_the_mask_was_built():
