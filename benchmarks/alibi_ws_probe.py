@@ -14,17 +14,15 @@
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 import triton.testing
 
+from ab_timing import probe_parser
+
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--S", type=int, default=4096)
-    ap.add_argument("--B", type=int, default=4)
+    ap = probe_parser(__doc__)
     args = ap.parse_args()
     from inductor_flex import flex_attention, printer
     from inductor_flex import variants as V

@@ -9,16 +9,14 @@ and compiled torch flex (B=4, H=16, S=4096, D=128, bf16), alternating, do_bench 
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
+from ab_timing import probe_parser
+
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--S", type=int, default=4096)
-    ap.add_argument("--B", type=int, default=4)
+    ap = probe_parser(__doc__)
     ap.add_argument("--no-torch-flex", action="store_true")
     args = ap.parse_args()
     from ab_timing import fwd_fwdbwd_ms

@@ -11,19 +11,17 @@ candidate's time).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
 import torch
 
+from ab_timing import probe_parser
+
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = probe_parser(__doc__, rounds=3)
     ap.add_argument("--cases", default="noop,alibi,softcap")
-    ap.add_argument("--S", type=int, default=4096)
-    ap.add_argument("--B", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--option", default="WARP_SPECIALIZE", help="the boolean kernel option to A/B")
     ap.add_argument("--base", default="{}", help="JSON kernel_options applied to every call")
     ap.add_argument("--fwdbwd", action="store_true", help="also time forward+backward")

@@ -6,7 +6,6 @@ the plain configs. Tells which part of the specialized BlockMask loop costs what
 
     python benchmarks/ws_runs_probe.py [--S 4096 --B 4] [--mask causal|prefix_lm]
 """
-import argparse
 
 import torch
 import triton
@@ -17,6 +16,8 @@ from inductor_flex import kernel as K
 from inductor_flex import variants as V
 from inductor_flex.lowering.configs import Config
 from inductor_flex.validation import validate_kernel_options
+
+from ab_timing import probe_parser
 
 OR_FULL = "tl.where((i < n_full) | mask_mod("
 PATCHES = {
@@ -32,9 +33,7 @@ PATCHES = {
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--S", type=int, default=4096)
-    ap.add_argument("--B", type=int, default=4)
+    ap = probe_parser(__doc__, rounds=None)
     ap.add_argument("--mask", default="causal", choices=("causal", "prefix_lm"))
     args = ap.parse_args()
     B, H, S, D = args.B, 16, args.S, 128
