@@ -58,9 +58,11 @@ def _dense_from_indices(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> to
 class BlockMask:
     """Block-sparse description of an attention mask (see the module docstring for the layout)."""
 
-    # block_runs per side, once known (None: not read yet); create_block_mask reads both
+    # block_runs per side, once known (None: not read yet); create_block_mask reads both, and
+    # union_run (the kv side)
     _runs_kv: Optional[bool] = None
     _runs_q: Optional[bool] = None
+    _union_kv: Optional[bool] = None
 
     def __init__(
         self,
@@ -179,7 +181,7 @@ class BlockMask:
         )
         out.refined = self.refined.to(device) if self.refined is not None else None
         out.full_from_mask_mod = self.full_from_mask_mod
-        out._runs_kv, out._runs_q = self._runs_kv, self._runs_q
+        out._runs_kv, out._runs_q, out._union_kv = self._runs_kv, self._runs_q, self._union_kv
         return out
 
     def __getitem__(self, index) -> "BlockMask":
@@ -217,7 +219,7 @@ class BlockMask:
         )
         out.full_from_mask_mod = self.full_from_mask_mod
         # any subset of query blocks keeps each one's kv runs (the q side is read again if needed)
-        out._runs_kv = self._runs_kv or None
+        out._runs_kv, out._union_kv = self._runs_kv or None, self._union_kv or None
         return out
 
     def to_string(self, grid_size: Tuple[int, int] = (20, 40), b: int = 0, h: int = 0) -> str:
@@ -323,7 +325,7 @@ def create_block_mask(
         # these as constants) need none
         for mask in (bm, bm.refined):
             if mask is not None:
-                block_runs(mask, "kv"), block_runs(mask, "q")
+                block_runs(mask, "kv"), block_runs(mask, "q"), union_run(mask)
     return bm
 
 
@@ -511,6 +513,40 @@ def block_runs(block_mask: BlockMask, side: str = "kv") -> bool:
         hit = bool(ok.item())
         setattr(block_mask, "_runs_" + side, hit)
     return hit
+
+
+def union_run(block_mask: BlockMask) -> bool:
+    """Whether every query block's partial and full kv blocks together are one run of blocks, each
+    list ascending (a sliding window: partial blocks at both ends of its full ones; also causal and
+    prefix-LM). A kernel that may evaluate mask_mod on full blocks (full_from_mask_mod) then walks
+    the row from its first block. One device read per BlockMask, kept on it."""
+    hit = block_mask._union_kv
+    if hit is None:
+        num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+        fnum, fidx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
+        ok = _ascending(num, idx)
+        first, last, count = _ends(num, idx)
+        if fnum is not None:
+            ok = ok & _ascending(fnum, fidx)
+            f_first, f_last, f_count = _ends(fnum, fidx)
+            first, last, count = torch.minimum(first, f_first), torch.maximum(last, f_last), count + f_count
+        ok = ok & ((count == 0) | (last - first + 1 == count)).all()
+        hit = block_mask._union_kv = bool(ok.item())
+    return hit
+
+
+def _ascending(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    j = torch.arange(1, idx.shape[-1], device=idx.device)
+    return ((idx[..., 1:] > idx[..., :-1]) | (j >= num[..., None])).all()
+
+
+def _ends(num: torch.Tensor, idx: torch.Tensor):
+    """(first, last, count) of each row's listed blocks (ascending lists); empty rows give
+    (large, -1, 0) so they drop out of a min / max."""
+    num = num.to(torch.int64)
+    first = torch.where(num > 0, idx[..., 0].to(torch.int64), 1 << 40)
+    last = torch.where(num > 0, idx.to(torch.int64).gather(-1, (num - 1).clamp(min=0)[..., None])[..., 0], -1)
+    return first, last, num
 
 
 def noop_block_mask(Q_LEN: int, KV_LEN: int, device, BLOCK_SIZE: Sequence[int] = (128, 128)) -> BlockMask:

@@ -24,7 +24,7 @@ import torch
 
 from .block_mask import (
     FINE_BLOCK, PINNED_TILES, BlockMask, _from_maps, _refined_maps, block_runs, create_block_mask, refinable,
-    refinement_pays,
+    refinement_pays, union_run,
 )
 from . import compat
 from .launch import launch as launch_kernel
@@ -569,6 +569,10 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
           and all(tma_eligible(t) and rows_layout(t) for t in (query, key, value)))
     if ws:
         compat.ensure_triton_allocator()
+    # the specialized loop runs mask_mod on every tile (no branch on the tile there): where it holds
+    # on the full blocks anyway (block_mask.full_from_mask_mod) and the row's partial and full
+    # blocks are one run together, it walks that run (a sliding window too); else the two runs
+    mask_on_full = ws and not dense and full_blocks_from_mask_mod(plan) and plan_union(plan)
     args = (
         query, key, value, out, lse, mx, kv_num, kv_idx, full_num, full_idx,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
@@ -588,10 +592,8 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
         WARP_SPECIALIZE=ws,
         # (Triton 3.6's Hopper warp specialization fails to build it: "PassManager::run failed")
         SEPARABLE=use_separable(plan.score, plan.opts, query.dtype) and not ws,
-        RUNS=not dense and plan_runs(plan),
-        # the specialized loop runs mask_mod on every tile (no branch on the tile there): full ones
-        # need no exemption when mask_mod holds on them anyway (block_mask.full_from_mask_mod)
-        MASK_ON_FULL=ws and not dense and plan.block_mask.full_from_mask_mod,
+        RUNS=not dense and (plan_runs(plan) or mask_on_full),
+        MASK_ON_FULL=mask_on_full,
     )
     grid = (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq)
     return grid, args, constexprs
@@ -621,9 +623,10 @@ TMA_DEFAULT = False
 def ws_applies(plan: ForwardPlan) -> bool:
     """Whether the warp-specialized forward can build for this plan: no captured tensors in the
     mods (Triton has no producer for a mod's pointer loads inside the loop), and either no
-    BlockMask or one whose partial and full kv blocks are each one run (block_mask.block_runs: the
-    kernel walks both in one loop with no index load per tile; Triton's Hopper pass rejects
-    either, and a second specialized loop) on blocks the 128 x 128 tiles divide."""
+    BlockMask or one whose partial and full kv blocks are each one run (block_mask.block_runs), or
+    together one run with full blocks from its mask_mod (block_mask.union_run: sliding windows):
+    the kernel walks them in one loop with no index load per tile (Triton's Hopper pass rejects
+    either, and a second specialized loop), on blocks the 128 x 128 tiles divide."""
     if plan.score.tensors:
         return False
     if plan.user_block_mask is None:
@@ -631,11 +634,26 @@ def ws_applies(plan: ForwardPlan) -> bool:
     if plan.mask.tensors:
         return False
     q_bs, kv_bs = plan.block_mask.BLOCK_SIZE
-    return q_bs % WS_TILE == 0 and kv_bs % WS_TILE == 0 and plan_runs(plan)
+    return (q_bs % WS_TILE == 0 and kv_bs % WS_TILE == 0
+            and (plan_runs(plan) or (full_blocks_from_mask_mod(plan) and plan_union(plan))))
 
 
 # the warp-specialized config's tile (lowering/configs.py _FWD_WS_CANDIDATES)
 WS_TILE = 128
+
+
+def full_blocks_from_mask_mod(plan: ForwardPlan) -> bool:
+    return plan.user_block_mask is not None and plan.block_mask.full_from_mask_mod
+
+
+def plan_union(plan: ForwardPlan) -> bool:
+    """Whether the plan's BlockMask rows are one run of partial and full blocks together
+    (block_mask.union_run); kernel_options KV_RUNS=False: never."""
+    hit = plan.__dict__.get("_union")
+    if hit is None:
+        hit = plan.__dict__["_union"] = (plan.user_block_mask is not None and plan.opts.get("KV_RUNS", True)
+                                         and union_run(plan.block_mask))
+    return hit
 
 
 def plan_runs(plan: ForwardPlan, side: str = "kv") -> bool:

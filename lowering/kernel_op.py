@@ -86,7 +86,7 @@ def _plan_shell(query, key, value, bm_tensors, score_tensors, mask_tensors, sour
         full = list(bm_tensors) + [None] * (8 - len(bm_tensors))
         plan.block_mask = BlockMask((Lq, Lkv), *full, tuple(block_size), None)
         # nothing known of its lists here, and no device read per call to learn it: index walks
-        plan.block_mask._runs_kv = plan.block_mask._runs_q = False
+        plan.block_mask._runs_kv = plan.block_mask._runs_q = plan.block_mask._union_kv = False
     plan.score = PrintedMod("score_mod", "", list(score_tensors), separable="def score_mod_parts(" in source)
     plan.mask = PrintedMod("mask_mod", "", list(mask_tensors))
     plan.has_score_mod = has_score_mod

@@ -370,8 +370,9 @@ def _rows_matrix(node) -> bool:
 def ws_applies(query, key, value, dense: bool, score_bufs, dtype, runs: bool = False, mask_bufs=(),
                sparse=(128, 128)) -> bool:
     """Whether the warp-specialized forward config can run: as kernel.ws_applies (no BlockMask, or
-    one whose kv lists are runs on 128-multiple blocks with a mask_mod that captures no tensor; no
-    captured tensors in the score_mod), 16-bit, on a Hopper GPU, Q/K/V each one row matrix."""
+    one the loop can walk without index loads, ``runs``, on 128-multiple blocks with a mask_mod
+    that captures no tensor; no captured tensors in the score_mod), 16-bit, on a Hopper GPU,
+    Q/K/V each one row matrix."""
     from .configs import warp_specialize_supported
 
     masked_ok = runs and not mask_bufs and sparse[0] % 128 == 0 and sparse[1] % 128 == 0
@@ -436,7 +437,9 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     pinned = [k for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in opts]
     # the BlockMask's lists are runs (known when traced: attention.traced_block_mask_facts)
     runs = not dense and bool(opts.get("_KV_RUNS"))
-    ws_ok = ws_applies(query, key, value, dense, score_bufs, dtype, runs, mask_bufs, sparse)
+    # ... or, with full blocks from the mask_mod, one run together (what the specialized loop walks)
+    union = not dense and bool(opts.get("_KV_UNION")) and bool(opts.get("_FULL_FROM_MASK_MOD"))
+    ws_ok = ws_applies(query, key, value, dense, score_bufs, dtype, runs or union, mask_bufs, sparse)
     if not pinned and (ws_ok or "WARP_SPECIALIZE" in opts):
         # (before the one-config rule: kernel_options WARP_SPECIALIZE=True keeps only it). Where the
         # specialized loop does not apply, its candidate stays unless asked away and runs as a plain
@@ -478,7 +481,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
             DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"', DENSE=dense, HAS_FULL=has_full,
             # (Triton 3.6 does not build the separable form in the specialized loop: kernel.forward_launch)
             SPLIT_P=False, USE_TMA=ws, WARP_SPECIALIZE=ws, SEPARABLE=bool(parts) and not ws,
-            RUNS=runs, MASK_ON_FULL=ws and runs and bool(opts.get("_FULL_FROM_MASK_MOD")),
+            RUNS=runs or (ws and union), MASK_ON_FULL=ws and union,
         ) or error
     if not choices:
         raise RuntimeError(f"inductor_flex: no forward template config could be generated: {error}")

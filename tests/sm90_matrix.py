@@ -40,7 +40,7 @@ def specializations():
     # the default for 16-bit inputs on the GPU: tanh as inline tanh.approx.f32 (never interpreted)
     yield "softcap", "odd37_E40", torch.bfloat16, "gpu-fast_tanh"
     # the warp-specialized loop over a BlockMask of 128-blocks whose kv blocks are runs (RUNS)
-    for variant in ("causal", "prefix_lm", "softcap"):
+    for variant in ("causal", "prefix_lm", "sliding_window", "softcap"):
         yield variant, "odd37_E40", torch.bfloat16, "gpu-ws128"
 
 
@@ -77,7 +77,7 @@ def compile_one(job):
     # variants compile the same tile config with the plain loop
     ws = ws and K.ws_applies(plan)
     assert consts["USE_TMA"] == (opts["USE_TMA"] or ws) and consts["WARP_SPECIALIZE"] == ws
-    assert not which.endswith("ws128") or (ws and consts["RUNS"])
+    assert not which.endswith("ws128") or (ws and consts["RUNS"] and consts["MASK_ON_FULL"])
     module = K.load_module(plan.source, False)
     t = time.time()
     ok, msg = compile_launches(module, [("flex_fwd_kernel", args, consts, cfg.num_warps, cfg.num_stages)])

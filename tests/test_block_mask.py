@@ -312,3 +312,40 @@ def test_full_from_mask_mod_follows_how_the_mask_was_built():
                                        BLOCK_SIZE=128, mask_mod=bm.mask_mod)
     assert not by_hand.full_from_mask_mod
     assert not refine_block_mask(by_hand, 64).full_from_mask_mod
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("causal", True), ("prefix_lm", True), ("narrow_window", True), ("wide_window", True), ("documents", True),
+    ("gap", False),
+])
+def test_union_run(name, expected):
+    """union_run: whether each query block's partial and full kv blocks together are one run (a wide
+    window's partial blocks at both ends of its full ones are; blocks on both sides of a gap are
+    not); checked against the lists."""
+    from inductor_flex.block_mask import union_run
+    from inductor_flex.variants import generate_prefix_lm_mask
+
+    L = 1024
+    _, documents = packed_documents(L, [200, 450, 700])
+    mods = {
+        "causal": generate_causal_mask(), "prefix_lm": generate_prefix_lm_mask(300),
+        "narrow_window": generate_sliding_window(100), "wide_window": generate_sliding_window(300),
+        "documents": documents, "gap": lambda b, h, q, kv: (kv < 200) | (kv >= 700),
+    }
+    bm = create_block_mask(mods[name], None, None, L, L, device="cpu", BLOCK_SIZE=128)
+    rows = []
+    for r in range(bm.kv_num_blocks.shape[-1]):
+        blocks = sorted(bm.kv_indices[0, 0, r, :int(bm.kv_num_blocks[0, 0, r])].tolist()
+                        + bm.full_kv_indices[0, 0, r, :int(bm.full_kv_num_blocks[0, 0, r])].tolist())
+        rows.append(blocks == list(range(blocks[0], blocks[0] + len(blocks))) if blocks else True)
+    assert bm._union_kv == union_run(bm) == all(rows) == expected
+
+
+def test_union_run_needs_ascending_lists():
+    from inductor_flex.block_mask import union_run
+
+    num = torch.tensor([2, 1], dtype=torch.int32).view(1, 1, 2)
+    idx = torch.tensor([[1, 0, 2], [0, 1, 2]], dtype=torch.int32).view(1, 1, 2, 3)
+    assert not union_run(BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=128))  # [1, 0]: a run, not ascending
+    idx = torch.tensor([[0, 1, 2], [0, 1, 2]], dtype=torch.int32).view(1, 1, 2, 3)
+    assert union_run(BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=128))

@@ -331,12 +331,13 @@ def test_inductor_warp_specialized_forward(variant):
     assert_grads_close(q, k, v, grads, g, score_mod, None, torch.bfloat16)
 
 
-@pytest.mark.parametrize("variant", ["causal", "prefix_lm", "causal_softcap"])
+@pytest.mark.parametrize("variant", ["causal", "prefix_lm", "causal_softcap", "sliding_window"])
 def test_inductor_block_mask_runs(variant):
     # a BlockMask of 128-blocks whose lists are runs, passed as an argument: the compiled forward,
     # dQ and dK/dV walk the runs (RUNS) and the forward may take the warp-specialized config over
-    # them (kernel_options keep only it here); then a mask whose lists are not runs (a sliding
-    # window over two blocks wide) through the same function, which recompiles to the index walk
+    # them (kernel_options keep only it here); a sliding window's lists are not runs, but each row's
+    # blocks are one run together: the specialized forward walks that, dQ and dK/dV their lists.
+    # Then a mask with a gap (no run) through the same function: it recompiles to the index walk
     from torch._inductor.utils import run_and_get_code
 
     from inductor_flex import create_block_mask
@@ -344,14 +345,16 @@ def test_inductor_block_mask_runs(variant):
 
     dims = (2, 8, 4, 1000, 1000, 128, 128)
     q, k, v = make_inputs(dims, torch.bfloat16, "cuda", requires_grad=True)
-    mask_mod = V.generate_prefix_lm_mask(300) if variant == "prefix_lm" else V.generate_causal_mask()
+    mask_mod = {"prefix_lm": V.generate_prefix_lm_mask(300),
+                "sliding_window": V.generate_sliding_window(256)}.get(variant, V.generate_causal_mask())
     score_mod = V.generate_tanh_softcap(20.0) if variant == "causal_softcap" else None
     fn = torch.compile(lambda q, k, v, bm: flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True,
                                                           kernel_options={"WARP_SPECIALIZE": True}), fullgraph=True)
     g = torch.randn(*dims[:2], dims[3], dims[6], device="cuda", dtype=torch.bfloat16)
-    for bm, runs in ((create_block_mask(mask_mod, None, None, 1000, 1000, device="cuda"), True),
-                     (create_block_mask(V.generate_sliding_window(300), None, None, 1000, 1000, device="cuda"), False)):
-        assert bm.BLOCK_SIZE == (128, 128) and bm._runs_kv == runs
+    gap = create_block_mask(lambda b, h, q, kv: (kv < 200) | (kv >= 700), None, None, 1000, 1000, device="cuda")
+    for bm, ws in ((create_block_mask(mask_mod, None, None, 1000, 1000, device="cuda"), True), (gap, False)):
+        assert bm.BLOCK_SIZE == (128, 128) and bm.refined is None and bm._union_kv == ws
+        runs_kv, runs_q = bool(bm._runs_kv), bool(bm._runs_q)
 
         def step():
             out = fn(q, k, v, bm)
@@ -359,8 +362,10 @@ def test_inductor_block_mask_runs(variant):
 
         (out, grads), code = run_and_get_code(step)
         code = "\n".join(code)
-        assert code.count("'RUNS': True") == (3 if runs else 0)
-        assert ("'WARP_SPECIALIZE': True" in code) == runs
+        # forward (runs, or the specialized union walk), dQ (kv runs), dK/dV (q runs: the gap
+        # mask's kv columns are all full or all partial, so its q side is a run)
+        assert code.count("'RUNS': True") == int(runs_kv or ws) + int(runs_kv) + int(runs_q)
+        assert ("'WARP_SPECIALIZE': True" in code) == ws
         ref_out, _, _ = math_attention(q.double(), k.double(), v.double(), score_mod, bm)
         low_out, _, _ = math_attention(q, k, v, score_mod, bm)
         assert_close_to_reference(out, ref_out, low_out, torch.bfloat16, "out")

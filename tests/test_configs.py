@@ -2,7 +2,7 @@
 candidates a call may time, and which layouts the specialized kernel may read."""
 import torch
 
-from inductor_flex import create_block_mask
+from inductor_flex import BlockMask, create_block_mask
 from inductor_flex import kernel as K
 from inductor_flex.lowering.configs import Config, filter_warp_specialize, forward_configs, warp_specialize_supported
 from inductor_flex.variants import generate_alibi_bias, generate_causal_mask, generate_sliding_window
@@ -55,8 +55,16 @@ def test_warp_specialization_applies_without_captured_tensors_to_block_masks_of_
     assert K.ws_applies(plan(None, causal, REFINE_BLOCK_MASK=False))
     assert not K.ws_applies(plan(None, causal, REFINE_BLOCK_MASK=False, KV_RUNS=False))
     assert not K.ws_applies(plan(None, mask(generate_causal_mask(), 64)))  # the 128-tiles do not divide
-    # a window over two blocks wide: full blocks inside it, partial ones at both ends, not one run
-    assert not K.ws_applies(plan(None, mask(generate_sliding_window(300)), REFINE_BLOCK_MASK=False))
+    # a window over two blocks wide: partial blocks at both ends of the full ones, not two runs, but
+    # one run together (block_mask.union_run), which the specialized loop walks where the full
+    # blocks came from the mask_mod; not for the same lists given by hand
+    window = mask(generate_sliding_window(300))
+    assert K.ws_applies(plan(None, window, REFINE_BLOCK_MASK=False))
+    by_hand = BlockMask.from_kv_blocks(window.kv_num_blocks, window.kv_indices, window.full_kv_num_blocks,
+                                       window.full_kv_indices, BLOCK_SIZE=128, mask_mod=window.mask_mod)
+    assert not K.ws_applies(plan(None, by_hand, REFINE_BLOCK_MASK=False))
+    # blocks on both sides of a gap: no run at all
+    assert not K.ws_applies(plan(None, mask(lambda b, h, qi, ki: (ki < 200) | (ki >= 700)), REFINE_BLOCK_MASK=False))
     limit = torch.tensor(300)
     assert not K.ws_applies(plan(None, mask(lambda b, h, qi, ki: ki < limit), REFINE_BLOCK_MASK=False))
 
@@ -64,8 +72,6 @@ def test_warp_specialization_applies_without_captured_tensors_to_block_masks_of_
 def test_the_specialized_loop_runs_mask_mod_on_full_blocks_only_where_they_came_from_it():
     """MASK_ON_FULL: create_block_mask's full blocks are where its mask_mod holds, so the specialized
     loop may evaluate it on every tile; for lists given by hand it keeps mask_mod off full blocks."""
-    from inductor_flex import BlockMask
-
     q = torch.randn(1, 2, 512, 64, dtype=torch.bfloat16)
     opts = {"BACKEND": "TRITON", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2,
             "WARP_SPECIALIZE": True}

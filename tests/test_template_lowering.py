@@ -427,20 +427,25 @@ def test_compiled_kernels_walk_block_mask_runs_and_recompile_for_other_masks(int
     assert cnt.frame_count == 2  # the second mask recompiled (on the runs facts alone)
 
 
-def test_warp_specialized_config_renders_for_a_block_mask_of_runs(interpreted_inductor, monkeypatch):
-    """A causal BlockMask of 128-blocks (lists that are runs, full blocks from its mask_mod) takes
-    the warp-specialized forward under torch.compile too: one loop over both runs, mask_mod on every
-    tile (MASK_ON_FULL). Output and lse vs float64 (the interpreter runs it unspecialized)."""
+@pytest.mark.parametrize("variant", ["causal", "sliding_window"])
+def test_warp_specialized_config_renders_for_a_block_mask_of_runs(interpreted_inductor, monkeypatch, variant):
+    """A BlockMask of 128-blocks whose rows are one run of partial and full blocks together, full
+    blocks from its mask_mod (causal; a sliding window, whose partial blocks sit at both ends), takes
+    the warp-specialized forward under torch.compile too: one loop from the run's first block,
+    mask_mod on every tile (MASK_ON_FULL). Output and lse vs float64 (the interpreter runs it
+    unspecialized)."""
     from torch._inductor.utils import run_and_get_code
 
     from inductor_flex import create_block_mask
     from inductor_flex import variants as V
 
     _ws_on_cpu(monkeypatch)
-    L = 300
+    L = 600
     q, k, v = make_inputs((1, 2, 2, L, L, 64, 64), torch.float16, "cpu")
-    bm = create_block_mask(V.generate_causal_mask(), None, None, L, L, device="cpu", BLOCK_SIZE=128)
-    fn, _ = _compiled(None, bm, False, kernel_options=WS_PIN)
+    mask_mod = V.generate_sliding_window(300) if variant == "sliding_window" else V.generate_causal_mask()
+    bm = create_block_mask(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=128)
+    assert bm._union_kv and bm._runs_kv == (variant == "causal")
+    fn, _ = _compiled(None, bm, False, kernel_options=dict(WS_PIN, REFINE_BLOCK_MASK=False))
     (out, lse), code = run_and_get_code(fn, q, k, v)
     code = "\n".join(code)
     for flag in ("WARP_SPECIALIZE", "USE_TMA", "RUNS", "MASK_ON_FULL"):
