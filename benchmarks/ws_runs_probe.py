@@ -50,7 +50,7 @@ def main():
 
     def timed(source, cfg, **override):
         grid, a, consts = K.forward_launch(plan, q, k, v, out, lse, lse, cfg)
-        consts.update(override)
+        consts = dict(consts, **override)  # (the plan keeps the returned dict)
         fn = K.load_module(source, False).flex_fwd_kernel
         run = lambda: fn[grid](*a, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # noqa: E731
         run()

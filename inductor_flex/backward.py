@@ -55,6 +55,10 @@ class BackwardPlan:
         self.grad_caps = grad_caps if plan.has_score_mod else ()
         self.bwd = _score_mod_bwd(plan, score_mod, self.grad_caps)
         self.opts = opts
+        # what a training loop's steps would otherwise rebuild every backward (host time on the
+        # critical path of short steps): configs, tuned picks and constexpr dicts. The forward plan
+        # is per shapes, strides and dtypes, so none of these depend on the call
+        self.memo: Dict[tuple, object] = {}  # (plans built as shells, lowering/kernel_op.py: _memo)
         key = (id(plan.score), id(plan.mask), id(self.bwd), plan.specialized)
         hit = _rendered.get(key)
         if hit is not None and hit[0] is plan.score and hit[1] is plan.mask and hit[2] is self.bwd:
@@ -84,6 +88,11 @@ class BackwardPlan:
             specialize_layout=self.fwd.specialized,
             linear_grad=bool(self.bwd and self.bwd.linear_grad),
         )
+
+
+def _memo(bplan: BackwardPlan) -> dict:
+    # BackwardPlan.memo, also for plans built without __init__ (lowering/kernel_op.py)
+    return bplan.__dict__.setdefault("memo", {})
 
 
 def _pinned(opts: dict, m: str, n: str, default: Config) -> Optional[Config]:
@@ -133,15 +142,17 @@ class BackwardCall:
                          + [b for b in self.cap_bufs if b is not None])
         self.scale = plan.scale
         self.qk_scale = plan.scale if plan.has_score_mod else plan.scale * 1.4426950408889634
-        q_bs, kv_bs = bm.BLOCK_SIZE
-        self.common = dict(
-            HAS_SCORE_MOD=plan.has_score_mod, QK_HEAD=E, V_HEAD=value.shape[-1], QK_PAD=head_pad(E),
-            V_PAD=head_pad(value.shape[-1]), SPARSE_Q=q_bs, SPARSE_KV=kv_bs,
-            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            # no BlockMask: walk every tile with no block-index loads (5-8% of the backward kernels'
-            # time on the H100, noop and ALiBi S=4096 against Inductor's dense render)
-            DENSE=plan.user_block_mask is None,
-            SEPARABLE=plan.has_score_mod and use_separable(plan.score, plan.opts, query.dtype))
+        self.common = _memo(bplan).get(("common",))
+        if self.common is None:
+            q_bs, kv_bs = bm.BLOCK_SIZE
+            self.common = _memo(bplan)[("common",)] = dict(
+                HAS_SCORE_MOD=plan.has_score_mod, QK_HEAD=E, V_HEAD=value.shape[-1], QK_PAD=head_pad(E),
+                V_PAD=head_pad(value.shape[-1]), SPARSE_Q=q_bs, SPARSE_KV=kv_bs,
+                DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+                # no BlockMask: walk every tile with no block-index loads (5-8% of the backward kernels'
+                # time on the H100, noop and ALiBi S=4096 against Inductor's dense render)
+                DENSE=plan.user_block_mask is None,
+                SEPARABLE=plan.has_score_mod and use_separable(plan.score, plan.opts, query.dtype))
 
     def preprocess(self) -> Launch:
         B, Hq, Lq, _ = self.q.shape
@@ -163,11 +174,15 @@ class BackwardCall:
                 *q.stride(), *k.stride(), *v.stride(), *g.stride(), *self.dk.stride(), *self.dv.stride(),
                 *q_num.stride(), *q_idx.stride()[:3],
                 self.scale, self.qk_scale, Lq, Lkv, Hq, Hkv, Hq // Hkv, *self.mod_args)
-        # query tiles walk whole sparse blocks, which can reach past Lq: "even" means block-aligned
-        q_step = cfg.BLOCK_M if self.common["DENSE"] else self.common["SPARSE_Q"]
-        consts = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=Lq % q_step == 0,
-                      EVEN_N=Lkv % cfg.BLOCK_N == 0, FUSED_DQ=self.fused_dq,
-                      RUNS=not self.common["DENSE"] and plan_runs(self.plan, "q"), **self.common)
+        memo = _memo(self.bplan)
+        consts = memo.get(("dkdv", cfg, self.fused_dq))
+        if consts is None:
+            # query tiles walk whole sparse blocks, which can reach past Lq: "even" means block-aligned
+            q_step = cfg.BLOCK_M if self.common["DENSE"] else self.common["SPARSE_Q"]
+            consts = memo[("dkdv", cfg, self.fused_dq)] = dict(
+                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=Lq % q_step == 0,
+                EVEN_N=Lkv % cfg.BLOCK_N == 0, FUSED_DQ=self.fused_dq,
+                RUNS=not self.common["DENSE"] and plan_runs(self.plan, "q"), **self.common)
         return Launch("flex_bwd_dkdv", (triton_cdiv(Lkv, cfg.BLOCK_N), B * Hkv), args, consts,
                       cfg.num_warps, cfg.num_stages)
 
@@ -182,21 +197,28 @@ class BackwardCall:
                 *q.stride(), *k.stride(), *v.stride(), *g.stride(), *self.dq.stride(), *self.out.stride(),
                 *kv_num.stride(), *kv_idx.stride()[:3],
                 self.scale, self.qk_scale, Lq, Lkv, Hq, Hq // Hkv, *self.mod_args)
-        # FUSE_DELTA: this kernel computes delta (and runs before dK/dV); with FUSED_DQ the
-        # preprocess kernel does, since dK/dV runs first
-        consts = dict(GRAD_CAPS=grad_caps, FUSE_DELTA=not self.fused_dq, HAS_GRAD_LSE=has_glse,
-                      BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                      EVEN_M=Lq % cfg.BLOCK_M == 0,
-                      EVEN_N=Lkv % (cfg.BLOCK_N if self.common["DENSE"] else self.common["SPARSE_KV"]) == 0,
-                      RUNS=not self.common["DENSE"] and plan_runs(self.plan, "kv"), **self.common)
+        memo = _memo(self.bplan)
+        consts = memo.get(("dq", cfg, grad_caps, self.fused_dq, has_glse))
+        if consts is None:
+            # FUSE_DELTA: this kernel computes delta (and runs before dK/dV); with FUSED_DQ the
+            # preprocess kernel does, since dK/dV runs first
+            consts = memo[("dq", cfg, grad_caps, self.fused_dq, has_glse)] = dict(
+                GRAD_CAPS=grad_caps, FUSE_DELTA=not self.fused_dq, HAS_GRAD_LSE=has_glse,
+                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=Lq % cfg.BLOCK_M == 0,
+                EVEN_N=Lkv % (cfg.BLOCK_N if self.common["DENSE"] else self.common["SPARSE_KV"]) == 0,
+                RUNS=not self.common["DENSE"] and plan_runs(self.plan, "kv"), **self.common)
         return Launch("flex_bwd_dq", (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq), args, consts,
                       cfg.num_warps, cfg.num_stages)
 
     def configs(self) -> Tuple[List[Config], List[Config]]:
-        E, Ev = self.q.shape[-1], self.v.shape[-1]
-        bs = self.plan.block_mask.BLOCK_SIZE
-        return (backward_configs("dkdv", E, Ev, self.q.dtype, bs, self.plan.interpret),
+        hit = _memo(self.bplan).get(("configs",))
+        if hit is None:
+            E, Ev = self.q.shape[-1], self.v.shape[-1]
+            bs = self.plan.block_mask.BLOCK_SIZE
+            hit = _memo(self.bplan)[("configs",)] = (
+                backward_configs("dkdv", E, Ev, self.q.dtype, bs, self.plan.interpret),
                 backward_configs("dq", E, Ev, self.q.dtype, bs, self.plan.interpret))
+        return hit
 
 
 def _run(module, launch: Launch):
@@ -273,6 +295,9 @@ def _captured_grads_math(plan, query, key, value, grad_out, grad_lse, want):
 
 def _tune(bplan: BackwardPlan, kind: str, candidates: List[Config], launch, query, key, value) -> Config:
     plan = bplan.fwd
+    picked = _memo(bplan).get(("picked", kind))
+    if picked is not None:
+        return picked
     B, Hq, Lq, E = query.shape
     if plan.interpret or len(candidates) == 1 or not autotune_pays(B, Hq, Lq, key.shape[2]):
         return candidates[0]
@@ -281,12 +306,12 @@ def _tune(bplan: BackwardPlan, kind: str, candidates: List[Config], launch, quer
     tune_key = (bplan.source, kind, str(query.dtype), E, value.shape[-1], plan.block_mask.BLOCK_SIZE,
                 _bucket(Lq), _bucket(key.shape[2]), _bucket(B * Hq), query.device.index)
     cfg = _autotuned.get(tune_key)
-    if cfg is not None:
-        return cfg
-    best, best_ms = fastest_config(candidates, launch, f"backward {kind}")
-    log.info("inductor_flex: backward %s picked %s (%.3f ms)", kind, best, best_ms)
-    _autotuned[tune_key] = best
-    return best
+    if cfg is None:
+        best, best_ms = fastest_config(candidates, launch, f"backward {kind}")
+        log.info("inductor_flex: backward %s picked %s (%.3f ms)", kind, best, best_ms)
+        cfg = _autotuned[tune_key] = best
+    _memo(bplan)[("picked", kind)] = cfg
+    return cfg
 
 
 def kernel_backward(query, key, value, out, lse, grad_out, grad_lse, score_mod, block_mask, scale, opts,

@@ -546,7 +546,8 @@ def cached_plan(query, key, value, score_mod, block_mask, scale, opts) -> Forwar
 
 
 def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Config):
-    """(grid, positional args, constexpr kwargs) of one forward launch."""
+    """(grid, positional args, constexpr kwargs) of one forward launch; the constexpr dict is kept
+    by the plan for the next launch: copy it before changing it."""
     B, Hq, Lq, E = query.shape
     Hkv, Lkv, Ev = key.shape[1], key.shape[2], value.shape[-1]
     bm = plan.block_mask
@@ -580,21 +581,24 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
         qk_scale, Lq, Lkv, Hq, Hq // Hkv,
         *mod_args,
     )
-    constexprs = dict(
-        HAS_SCORE_MOD=has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPARSE_Q=q_bs, SPARSE_KV=kv_bs,
-        EVEN_M=Lq % cfg.BLOCK_M == 0, EVEN_N=Lkv % (cfg.BLOCK_N if dense else kv_bs) == 0,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        DENSE=dense, HAS_FULL=True,
-        # a float32 O from 16-bit inputs is the backward's (see _KernelForward): make it float32-exact
-        SPLIT_P=out.dtype == torch.float32 and query.dtype != torch.float32,
-        USE_TMA=ws or use_tma(plan.opts, key, value),
-        WARP_SPECIALIZE=ws,
-        # (Triton 3.6's Hopper warp specialization fails to build it: "PassManager::run failed")
-        SEPARABLE=use_separable(plan.score, plan.opts, query.dtype) and not ws,
-        RUNS=not dense and (plan_runs(plan) or mask_on_full),
-        MASK_ON_FULL=mask_on_full,
-    )
+    # a float32 O from 16-bit inputs is the backward's (see _KernelForward): make it float32-exact
+    split_p = out.dtype == torch.float32 and query.dtype != torch.float32
+    tma = ws or use_tma(plan.opts, key, value)
+    # the rest depends on the plan alone (per shapes, strides and dtypes): built once per variant
+    memo = plan.__dict__.setdefault("_constexprs", {})
+    constexprs = memo.get((cfg, ws, split_p, tma))
+    if constexprs is None:
+        constexprs = memo[(cfg, ws, split_p, tma)] = dict(
+            HAS_SCORE_MOD=has_score_mod, QK_HEAD=E, V_HEAD=Ev, QK_PAD=head_pad(E), V_PAD=head_pad(Ev),
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SPARSE_Q=q_bs, SPARSE_KV=kv_bs,
+            EVEN_M=Lq % cfg.BLOCK_M == 0, EVEN_N=Lkv % (cfg.BLOCK_N if dense else kv_bs) == 0,
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+            DENSE=dense, HAS_FULL=True, SPLIT_P=split_p, USE_TMA=tma, WARP_SPECIALIZE=ws,
+            # (Triton 3.6's Hopper warp specialization fails to build it: "PassManager::run failed")
+            SEPARABLE=use_separable(plan.score, plan.opts, query.dtype) and not ws,
+            RUNS=not dense and (plan_runs(plan) or mask_on_full),
+            MASK_ON_FULL=mask_on_full,
+        )
     grid = (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq)
     return grid, args, constexprs
 

@@ -14,6 +14,7 @@ INDUCTOR_FLEX_FAST_LAUNCH=0, every launch takes Triton's own path.
 """
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -36,10 +37,36 @@ def _known(args) -> bool:
 
 
 def _key(args, constexprs, num_warps, num_stages):
-    # the types apart: 1 == 1.0 == True would otherwise share a key
-    return (tuple(map(type, args)),
-            tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, _Tensor) else a for a in args]),
+    # the types apart: 1 == 1.0 == True would otherwise share a key. A launch site passes the same
+    # argument types call after call, so where its tensors sit is looked up once per type list
+    types = tuple(map(type, args))
+    layout = _layouts.get(types)
+    if layout is None:
+        if len(_layouts) >= _MAX_KEYS:
+            _layouts.clear()
+        layout = _layouts[types] = _layout(types)
+    tensors, scalars = layout[0](args), layout[1](args)
+    return (types, scalars, tuple([t.dtype for t in tensors]), tuple([t.data_ptr() & 15 for t in tensors]),
             tuple(constexprs.items()), num_warps, num_stages, getattr(args[0], "device", None))
+
+
+_layouts: Dict[tuple, tuple] = {}  # argument types -> (their tensors, the other values)
+
+
+def _picker(positions):
+    # a tuple of args at these positions (operator.itemgetter returns a bare item for one position)
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    if positions:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return lambda args: ()
+
+
+def _layout(types) -> tuple:
+    tensor_pos = [i for i, t in enumerate(types) if issubclass(t, _Tensor)]
+    other_pos = [i for i, t in enumerate(types) if not issubclass(t, _Tensor)]
+    return _picker(tensor_pos), _picker(other_pos)
 
 
 class _Kernel:

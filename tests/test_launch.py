@@ -28,6 +28,16 @@ def test_tensor_key_sees_alignment_and_dtype():
     assert key_of(base) != _key((base,), {"BLOCK": 32}, 4, 3)
 
 
+def test_key_reads_every_argument_whatever_the_layout():
+    # the tensors' positions are looked up once per list of argument types: a key must still see
+    # each value, including lists with no tensor or no other value
+    t = torch.zeros(64, dtype=torch.float16)
+    assert key_of(3) != key_of(4) and key_of(t) != key_of(t.float())
+    assert key_of(t, 3) != key_of(3, t)
+    assert key_of(t, 3, t[1:]) != key_of(t, 3, t) != key_of(t, 5, t)
+    assert key_of(t, t[8:]) == key_of(t[8:], t)
+
+
 def test_only_known_argument_types_are_cached():
     assert _known((torch.zeros(2), 3, 0.5, True, None))
     assert not _known((torch.zeros(2), object()))
