@@ -653,22 +653,22 @@ def full_blocks_from_mask_mod(plan: ForwardPlan) -> bool:
 def plan_union(plan: ForwardPlan) -> bool:
     """Whether the plan's BlockMask rows are one run of partial and full blocks together
     (block_mask.union_run); kernel_options KV_RUNS=False: never."""
-    hit = plan.__dict__.get("_union")
-    if hit is None:
-        hit = plan.__dict__["_union"] = (plan.user_block_mask is not None and plan.opts.get("KV_RUNS", True)
-                                         and union_run(plan.block_mask))
-    return hit
+    return _run_fact(plan, "_union", union_run)
 
 
 def plan_runs(plan: ForwardPlan, side: str = "kv") -> bool:
     """Whether the kernels walk the plan's BlockMask lists of this side as runs (the templates' RUNS:
     no index load per tile; block_mask.block_runs): the kv side for the forward and dQ, the q side
     for dK/dV. kernel_options KV_RUNS=False walks the index lists."""
-    key = "_runs_" + side
+    return _run_fact(plan, "_runs_" + side, lambda bm: block_runs(bm, side))
+
+
+def _run_fact(plan: ForwardPlan, key: str, read) -> bool:
+    # read(block_mask) once per plan; never without a user BlockMask or with KV_RUNS=False
     hit = plan.__dict__.get(key)
     if hit is None:
-        hit = plan.__dict__[key] = (plan.user_block_mask is not None and plan.opts.get("KV_RUNS", True)
-                                    and block_runs(plan.block_mask, side))
+        hit = plan.__dict__[key] = bool(plan.user_block_mask is not None and plan.opts.get("KV_RUNS", True)
+                                        and read(plan.block_mask))
     return hit
 
 
