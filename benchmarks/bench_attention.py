@@ -128,9 +128,9 @@ def count_unmasked_pairs(mask_mod: Optional[Callable], S: int, device, chunk_ele
 _compiled: Dict[str, Callable] = {}
 
 
-def _compiled_fn(key: str, fn: Callable, fullgraph: bool) -> Callable:
+def _compiled_fn(key: str, fn: Callable, fullgraph: bool, mode: Optional[str] = None) -> Callable:
     if key not in _compiled:
-        _compiled[key] = torch.compile(fn, fullgraph=fullgraph, dynamic=False)
+        _compiled[key] = torch.compile(fn, fullgraph=fullgraph, dynamic=False, mode=mode)
     return _compiled[key]
 
 
@@ -142,7 +142,8 @@ def make_peer(peer: str, case: Case, S: int, device, args) -> Tuple[Optional[Cal
         bm = ifx.create_block_mask(case.mask_mod, None, None, S, S, device=device) if case.mask_mod else None
         opts = args.ours_kernel_options
         kw = {"kernel_options": dict(opts)} if opts else {}
-        attn = ifx.flex_attention if peer == "ours" else _compiled_fn("ours", ifx.flex_attention, args.fullgraph)
+        attn = ifx.flex_attention if peer == "ours" else _compiled_fn("ours", ifx.flex_attention, args.fullgraph,
+                                                                           args.compile_mode)
         sm = case.score_mod
         return (lambda q, k, v: attn(q, k, v, score_mod=sm, block_mask=bm, **kw)), None
     if peer == "torch_flex":
@@ -154,7 +155,7 @@ def make_peer(peer: str, case: Case, S: int, device, args) -> Tuple[Optional[Cal
                 bm = create_block_mask(case.mask_mod, None, None, S, S, device=device, _compile=True)
             except TypeError:  # a torch without _compile
                 bm = create_block_mask(case.mask_mod, None, None, S, S, device=device)
-        attn = _compiled_fn("torch_flex", flex_attention, args.fullgraph)
+        attn = _compiled_fn("torch_flex", flex_attention, args.fullgraph, args.compile_mode)
         sm = case.score_mod
         return (lambda q, k, v: attn(q, k, v, score_mod=sm, block_mask=bm)), None
     if peer in ("sdpa_flash", "sdpa_cudnn"):
@@ -344,22 +345,35 @@ def run_peer(peer: str, case: Case, q, k, v, dout, device, args, pairs: int, B: 
         r.update(status=reason)
         return r
     qkv = (q, k, v)
+    # under CUDA graphs (compile modes reduce-overhead, max-autotune) every call is a new step: the
+    # previous call's outputs may be overwritten
+    graphs = bool(args.compile_mode) and args.compile_mode != "default" and "no-cudagraphs" not in args.compile_mode
+    mark = torch.compiler.cudagraph_mark_step_begin if graphs else (lambda: None)
+    if graphs:
+        # q, k, v stand for activations made inside a model's graph: static addresses, so a replay
+        # does not time copying them into the graph's input buffers
+        for t in qkv:
+            torch._dynamo.mark_static_address(t)
 
     def fwd():
+        mark()
         with torch.no_grad():
             return fn(q, k, v)
 
     def fwdbwd():
+        mark()
+        if graphs:  # a gradient accumulated into would be the previous replay's (overwritten) output
+            for t in qkv:
+                t.grad = None
         out = fn(q, k, v)
         out.backward(dout)
 
     # forward
     try:
         r["first_fwd_s"] = first_call_s(fwd, device)
-        with torch.no_grad():
-            out = fn(q, k, v)
+        out = fwd()
         if args.check:
-            outputs[peer] = out.detach()
+            outputs[peer] = out.detach().clone()  # (a CUDA graph's output is overwritten by its next replay)
             r["out_finite"] = bool(torch.isfinite(out).all().item())
         del out
         r["peak_fwd_mb"] = peak_mb(fwd, device)
@@ -675,6 +689,9 @@ def parse_args(argv=None):
     p.add_argument("--cpu-reps", type=int, default=3, help="timed reps per measurement on CPU")
     p.add_argument("--ours-kernel-options", default=None,
                    help='JSON dict passed as kernel_options to ours / ours_compiled, e.g. \'{"FAST_TANH": true}\'')
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the compiled peers (ours_compiled, torch_flex), e.g. reduce-overhead: "
+                        "CUDA graphs, for steps short enough that the host's launch work sets their pace")
     p.add_argument("--no-fullgraph", dest="fullgraph", action="store_false",
                    help="compile peers without fullgraph=True (then a graph break may silently run eager code)")
     p.add_argument("--no-check", dest="check", action="store_false",

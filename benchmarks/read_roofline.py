@@ -17,13 +17,15 @@ import triton.testing
 
 
 @triton.jit
-def _read(K, V, OUT, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+def _read(K, V, OUT, BLOCK: tl.constexpr, ITERS: tl.constexpr, EVICT: tl.constexpr = "",
+          CACHE: tl.constexpr = ""):
     pid = tl.program_id(0)
     acc = tl.zeros([BLOCK], tl.float32)
     base = pid.to(tl.int64) * BLOCK * ITERS
     for i in range(ITERS):
         offs = base + i * BLOCK + tl.arange(0, BLOCK)
-        acc += tl.load(K + offs).to(tl.float32) + tl.load(V + offs).to(tl.float32)
+        acc += (tl.load(K + offs, eviction_policy=EVICT, cache_modifier=CACHE).to(tl.float32)
+                + tl.load(V + offs, eviction_policy=EVICT, cache_modifier=CACHE).to(tl.float32))
     tl.store(OUT + pid * BLOCK + tl.arange(0, BLOCK), acc)  # keeps the loads alive
 
 
@@ -60,6 +62,9 @@ def main():
                     help="comma list of program counts for a second table: the same bytes split evenly over "
                          "exactly that many programs (e.g. 128,132,256,264), BLOCK 2048")
     ap.add_argument("--tma", action="store_true", help="also stream K/V tiles through TMA tensor descriptors")
+    ap.add_argument("--hints", action="store_true",
+                    help="also the plain loads with L2 eviction / cache hints (evict_first, evict_last, .cg): whether "
+                         "reads that leave the flush's dirty lines in L2 avoid their write-back")
     args = ap.parse_args()
     k = torch.randn(8, 8, args.seq, 128, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
@@ -73,6 +78,16 @@ def main():
         ms = triton.testing.do_bench(lambda: _read[(grid,)](k, v, out, BLOCK=block, ITERS=iters, num_warps=8),
                                      warmup=25, rep=200, return_mode="median")
         print(f"  BLOCK={block:5d} ITERS={iters:3d} programs={grid:5d}: {ms * 1e3:6.1f} us = {2 * n * 2 / ms / 1e9:.2f} TB/s")
+    if args.hints:
+        for evict, cache in (("", ""), ("evict_first", ""), ("evict_last", ""), ("", ".cg")):
+            block, iters = 4096, 16
+            grid = n // (block * iters)
+            out = torch.empty(grid * block, device="cuda")
+            ms = triton.testing.do_bench(
+                lambda: _read[(grid,)](k, v, out, BLOCK=block, ITERS=iters, EVICT=evict, CACHE=cache, num_warps=8),
+                warmup=25, rep=200, return_mode="median")
+            print(f"  hints evict={evict or '-':12s} cache={cache or '-':4s}: {ms * 1e3:6.1f} us = "
+                  f"{2 * n * 2 / ms / 1e9:.2f} TB/s")
     if args.tma:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
         rows = n // 128

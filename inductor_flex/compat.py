@@ -291,6 +291,38 @@ def raw_stream(device: torch.device) -> int:
     return fn(device.index if device.index is not None else torch.cuda.current_device())
 
 
+_builder = None
+
+
+def persistent_tensors(device: torch.device, make: Callable):
+    """``make()``, for tensors a cache keeps across calls, allocated outside any CUDA-graph memory
+    pool. torch.compile's CUDA graphs (mode "reduce-overhead") run a graph's warm-up calls with the
+    calling thread's allocations routed into the graph's pool, and a tensor from that pool that
+    outlives the call makes them raise ("tensor(s) in the cudagraph pool not tracked as outputs").
+    Built on a thread of our own, it comes from the ordinary allocator; the caller's stream waits
+    for it. Inside a capture it is built in place (no cross-stream work while capturing)."""
+    global _builder
+    stack = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing() or stack():
+        return make()  # (a dispatch mode, e.g. fake tensors while tracing, must see the allocation)
+    import concurrent.futures
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+
+    def build():
+        with torch.cuda.device(index):
+            out = make()
+            done = torch.cuda.Event()
+            done.record()
+        return out, done
+
+    if _builder is None:
+        _builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inductor_flex_alloc")
+    out, done = _builder.submit(build).result()
+    torch.cuda.current_stream(index).wait_event(done)  # made (zeroed, filled) before the caller reads it
+    return out
+
+
 def ensure_triton_allocator() -> None:
     """Give Triton a global-memory allocator for kernels that build tensor descriptors on the device
     (tl.make_tensor_descriptor needs a small workspace per launch), unless the caller has set one."""

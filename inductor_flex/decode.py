@@ -292,8 +292,8 @@ def _counter(plan: DecodePlan, query) -> torch.Tensor:
     counter = plan.counters.get(stream)
     if counter is None:
         if not plan.spare_counters:
-            plan.spare_counters = list(torch.zeros(_COUNTER_ROWS, plan.programs, dtype=torch.int32,
-                                                   device=query.device))
+            plan.spare_counters = list(compat.persistent_tensors(query.device, lambda: torch.zeros(
+                _COUNTER_ROWS, plan.programs, dtype=torch.int32, device=query.device)))
         counter = plan.counters[stream] = plan.spare_counters.pop()
     return counter
 

@@ -356,7 +356,8 @@ def _default_block_mask(Lq: int, Lkv: int, device: torch.device) -> BlockMask:
     key = (Lq, Lkv, str(device))
     bm = _noop_masks.get(key)
     if bm is None:
-        bm = create_block_mask(noop_mask, None, None, Lq, Lkv, device=device, BLOCK_SIZE=128)
+        bm = compat.persistent_tensors(device, lambda: create_block_mask(
+            noop_mask, None, None, Lq, Lkv, device=device, BLOCK_SIZE=128))
         if len(_noop_masks) > 64:
             _noop_masks.clear()
         _noop_masks[key] = bm

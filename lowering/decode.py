@@ -54,7 +54,6 @@ def flex_decode(
         opts = {name: v for name, v in zip(_TUNING_KEYS, tuning) if v}
         plan = D.DecodePlan(query, key, value, PrintedMod("score_mod", ""), PrintedMod("mask_mod", ""),
                             has_score_mod, tuple(block_size), mask_heads, opts, dense=dense, source=source)
-        plan.op_mask = None
         if len(_plans) > 256:
             _plans.clear()
         _plans[k] = plan
@@ -64,15 +63,17 @@ def flex_decode(
     if dense:
         bm = _default_block_mask(Lq, Lkv, query.device)
     else:
-        tensors = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
-        hit = plan.op_mask
-        if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
-            bm = hit[1]
-        else:
-            bm = BlockMask((Lq, Lkv), *tensors, None, None, None, None, tuple(block_size), None)
-            plan.op_mask = (tensors, bm)
+        bm = BlockMask((Lq, Lkv), kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                       None, None, None, None, tuple(block_size), None)
     scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
-    return D.run_decode(plan, query, key, value, bm, scale)
+    try:
+        return D.run_decode(plan, query, key, value, bm, scale)
+    finally:
+        # keep no reference to this call's tensors past the call: under torch.compile's CUDA graphs
+        # (mode "reduce-overhead") they may be graph intermediates from its memory pool, which must
+        # not outlive the call
+        plan.mask_args = None
+        plan.score.tensors, plan.mask.tensors = [], []
 
 
 def _flex_decode_fake(query, key, value, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, score_tensors,

@@ -370,3 +370,57 @@ def test_inductor_block_mask_runs(variant):
         low_out, _, _ = math_attention(q, k, v, score_mod, bm)
         assert_close_to_reference(out, ref_out, low_out, torch.bfloat16, "out")
         assert_grads_close(q, k, v, grads, g, score_mod, bm, torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", ["causal", "document", "softcap", "relative_bias_table"])
+def test_reduce_overhead_training_steps(variant):
+    """mode="reduce-overhead" (CUDA graphs, the way to run steps too short for the host's launch
+    work): the fused forward and backward are captured, nothing makes Inductor skip the graphs, and
+    replays with new inputs (and, for a learnable table, its gradient) match the reference."""
+    from torch._dynamo.utils import counters
+
+    from cases import LEARNABLE
+
+    from cases import LEARNABLE_LEN
+
+    dims = (2, 4, 2, LEARNABLE_LEN, LEARNABLE_LEN, 64, 48)  # GQA, odd length, V dim != QK dim
+    B, Hq, Hkv, Lq, Lkv, E, Ev = dims
+    dtype = torch.bfloat16
+    caps = []
+    if variant in LEARNABLE:
+        factory, make = LEARNABLE[variant]
+        caps = [c.cuda().requires_grad_() for c in make(Hq)]
+        score_mod, block_mask = factory(*caps), None
+    else:
+        score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cuda")
+    q, k, v = make_inputs(dims, dtype, "cuda", requires_grad=True)
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                                        enable_gqa=True),
+                         mode="reduce-overhead", fullgraph=True)
+    for i in range(4):  # warm-up, recording, then replays
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad():
+            for t in (q, k, v):
+                t.copy_(torch.randn_like(t))
+        out = step(q, k, v)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v, *caps), g)
+        out = out.clone()  # (the graph's output buffer is reused by the next replay)
+        assert_grads_close(q, k, v, grads[:3], g, score_mod, block_mask, dtype)
+        ref_out, _, _ = math_attention(q.detach().double(), k.detach().double(), v.detach().double(), score_mod, block_mask)
+        low_out, _, _ = math_attention(q.detach(), k.detach(), v.detach(), score_mod, block_mask)
+        assert_close_to_reference(out, ref_out, low_out, dtype, f"out (step {i})")
+        if caps:
+            leaves = [c.detach().double().requires_grad_() for c in caps]
+            ref_fn = LEARNABLE[variant][0](*leaves)
+            ref = math_attention(q.detach().double(), k.detach().double(), v.detach().double(), ref_fn, None)[0]
+            ref_grad = torch.autograd.grad(ref, leaves, g.double())[0]
+            low_leaves = [c.detach().requires_grad_() for c in caps]
+            low = math_attention(q.detach(), k.detach(), v.detach(), LEARNABLE[variant][0](*low_leaves), None)[0]
+            low_grad = torch.autograd.grad(low, low_leaves, g)[0]
+            assert_close_to_reference(grads[3], ref_grad, low_grad, dtype, "table grad")
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    # q, k, v are the graphs' non-static inputs: counted when a forward or backward graph is recorded
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0, dict(counters["inductor"])
