@@ -379,9 +379,7 @@ def test_reduce_overhead_training_steps(variant):
     replays with new inputs (and, for a learnable table, its gradient) match the reference."""
     from torch._dynamo.utils import counters
 
-    from cases import LEARNABLE
-
-    from cases import LEARNABLE_LEN
+    from cases import LEARNABLE, LEARNABLE_LEN
 
     dims = (2, 4, 2, LEARNABLE_LEN, LEARNABLE_LEN, 64, 48)  # GQA, odd length, V dim != QK dim
     B, Hq, Hkv, Lq, Lkv, E, Ev = dims
