@@ -241,6 +241,23 @@ def peak_mb(fn: Callable, device) -> Optional[float]:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def capture_graph(step: Callable, device, warmup: int = 3) -> Callable:
+    """One CUDA graph of step() (after warm-up calls on a side stream, as torch.cuda.graph asks);
+    returns its replay. A replay costs the host one launch, so its time is the step's GPU work."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    _sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    _sync(device)
+    return graph.replay
+
+
 def tflops(flops: float, ms: Optional[float]) -> Optional[float]:
     if ms is None or ms <= 0:
         return None
@@ -362,11 +379,19 @@ def run_peer(peer: str, case: Case, q, k, v, dout, device, args, pairs: int, B: 
 
     def fwdbwd():
         mark()
-        if graphs:  # a gradient accumulated into would be the previous replay's (overwritten) output
+        if graphs or args.cuda_graph:  # a gradient accumulated into would be the previous replay's output
             for t in qkv:
                 t.grad = None
         out = fn(q, k, v)
         out.backward(dout)
+
+    def timed(step: Callable, key: str, grad_to_none=None) -> float:
+        # --cuda-graph: the step's GPU time with no host work between kernels, for every peer alike
+        if not args.cuda_graph:
+            return bench_ms(step, device, args, grad_to_none=grad_to_none)
+        replay = capture_graph(step, device)
+        r[key + "_graphed"] = True
+        return bench_ms(replay, device, args)
 
     # forward
     try:
@@ -377,7 +402,7 @@ def run_peer(peer: str, case: Case, q, k, v, dout, device, args, pairs: int, B: 
             r["out_finite"] = bool(torch.isfinite(out).all().item())
         del out
         r["peak_fwd_mb"] = peak_mb(fwd, device)
-        r["fwd_ms"] = bench_ms(fwd, device, args)
+        r["fwd_ms"] = timed(fwd, "fwd")
         r["fwd_tflops"] = tflops(fwd_flops, r["fwd_ms"])
         picked = [str(c) for key, c in _eager_forward_tunings().items() if key not in tuned_before]
         if picked:
@@ -403,7 +428,7 @@ def run_peer(peer: str, case: Case, q, k, v, dout, device, args, pairs: int, B: 
             for t in qkv:
                 t.grad = None
             r["peak_fwdbwd_mb"] = peak_mb(fwdbwd, device)
-            r["fwdbwd_ms"] = bench_ms(fwdbwd, device, args, grad_to_none=list(qkv))
+            r["fwdbwd_ms"] = timed(fwdbwd, "fwdbwd", grad_to_none=list(qkv))
             r["fwdbwd_tflops"] = tflops(BWD_FLOP_FACTOR * fwd_flops, r["fwdbwd_ms"])
         except Exception as e:  # noqa: BLE001
             r["fwdbwd_error"] = short_error(e)
@@ -626,6 +651,8 @@ def write_reports(path_base: str, meta: dict, results: List[dict], skipped: List
           f"inductor_flex {env.get('inductor_flex')} (git {str(env.get('git_commit'))[:10]}"
           f"{', dirty' if env.get('git_dirty') else ''})",
           f"- command: `{meta['command']}`",
+          *(["- timing: every peer's step captured in one CUDA graph and its replay timed (`--cuda-graph`): "
+             "GPU time with no host launch work"] if meta["settings"].get("cuda_graph") else []),
           "- TFLOP/s count unmasked work only: fwd = 4·B·H·D·pairs, fwd+bwd = 3.5 × fwd; "
           "ratios are this peer's TFLOP/s over the named peer's",
           f"- status: {'finished' if finished else 'INCOMPLETE (interrupted or still running)'}", ""]
@@ -692,6 +719,10 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode of the compiled peers (ours_compiled, torch_flex), e.g. reduce-overhead: "
                         "CUDA graphs, for steps short enough that the host's launch work sets their pace")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time each peer's step (forward; forward+backward) as one replayed CUDA graph, captured "
+                        "after its warm-up: the GPU time of the step with no host launch work, the same for every "
+                        "peer (eager ours included). Not with --compile-mode's graph modes")
     p.add_argument("--no-fullgraph", dest="fullgraph", action="store_false",
                    help="compile peers without fullgraph=True (then a graph break may silently run eager code)")
     p.add_argument("--no-check", dest="check", action="store_false",
@@ -712,6 +743,9 @@ def parse_args(argv=None):
         args.prefix = 16 if args.prefix is None else args.prefix
         args.num_docs = 4 if args.num_docs is None else args.num_docs
     args.device = args.device or "cuda"
+    if args.cuda_graph and (args.device == "cpu" or (args.compile_mode or "default") != "default"):
+        p.error("--cuda-graph needs a CUDA device and no --compile-mode other than default "
+                "(those modes make CUDA graphs of their own)")
     args.dtype = args.dtype or "bf16"
     args.window = 1024 if args.window is None else args.window
     args.prefix = 1024 if args.prefix is None else args.prefix

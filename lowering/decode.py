@@ -72,7 +72,8 @@ def flex_decode(
         # keep no reference to this call's tensors past the call: under torch.compile's CUDA graphs
         # (mode "reduce-overhead") they may be graph intermediates from its memory pool, which must
         # not outlive the call
-        plan.mask_args = None
+        if not dense:
+            plan.mask_args = None
         plan.score.tensors, plan.mask.tensors = [], []
 
 
