@@ -71,7 +71,8 @@ def flex_decode(
     finally:
         # keep no reference to this call's tensors past the call: under torch.compile's CUDA graphs
         # (mode "reduce-overhead") they may be graph intermediates from its memory pool, which must
-        # not outlive the call
+        # not outlive the call (a dense call's launch views are of the cached default BlockMask,
+        # allocated outside any graph pool: kept, so the next call does not rebuild them)
         if not dense:
             plan.mask_args = None
         plan.score.tensors, plan.mask.tensors = [], []
