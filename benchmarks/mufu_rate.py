@@ -12,32 +12,24 @@ import argparse
 import torch, triton, triton.language as tl
 from triton.testing import do_bench
 
+# (name, PTX, element type, values per asm call)
+FORMS = [
+    ("tanh.f32", "tanh.approx.f32 $0, $1;", tl.float32, 1),
+    ("tanh.f16x2", "tanh.approx.f16x2 $0, $1;", tl.float16, 2),
+    ("ex2.f32", "ex2.approx.ftz.f32 $0, $1;", tl.float32, 1),
+    ("ex2.f16x2", "ex2.approx.f16x2 $0, $1;", tl.float16, 2),
+    ("tanh.bf16x2", "tanh.approx.bf16x2 $0, $1;", tl.bfloat16, 2),
+]
+
+
 @triton.jit
-def k(X, Y, ITERS: tl.constexpr, BLOCK: tl.constexpr, OP: tl.constexpr):
+def k(X, Y, ITERS: tl.constexpr, BLOCK: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr, PACK: tl.constexpr):
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(X + o)
-    if OP == 0:
-        for i in range(ITERS):
-            x = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
-    elif OP == 1:
-        h = x.to(tl.float16)
-        for i in range(ITERS):
-            h = tl.inline_asm_elementwise("tanh.approx.f16x2 $0, $1;", "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
-        x = h.to(tl.float32)
-    elif OP == 2:
-        for i in range(ITERS):
-            x = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
-    elif OP == 3:
-        h = x.to(tl.float16)
-        for i in range(ITERS):
-            h = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
-        x = h.to(tl.float32)
-    elif OP == 4:
-        h = x.to(tl.bfloat16)
-        for i in range(ITERS):
-            h = tl.inline_asm_elementwise("tanh.approx.bf16x2 $0, $1;", "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
-        x = h.to(tl.float32)
-    tl.store(Y + o, x)
+    h = tl.load(X + o).to(DT)
+    for i in range(ITERS):
+        h = tl.inline_asm_elementwise(ASM, "=r,r", [h], dtype=h.dtype, is_pure=True, pack=PACK)
+    tl.store(Y + o, h.to(tl.float32))
+
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--clock-ghz", type=float, default=1.98, help="SM clock for the per-clock rate (nvidia-smi clocks.sm)")
@@ -47,8 +39,8 @@ n = BLOCK * 132 * 16
 x = torch.rand(n, device="cuda") * -0.5
 y = torch.empty_like(x)
 sm = torch.cuda.get_device_properties(0).multi_processor_count
-for op, name in enumerate(["tanh.f32", "tanh.f16x2", "ex2.f32", "ex2.f16x2", "tanh.bf16x2"]):
-    f = lambda: k[(n // BLOCK,)](x, y, ITERS, BLOCK, op, num_warps=8)
+for name, asm, dt, pack in FORMS:
+    f = lambda: k[(n // BLOCK,)](x, y, ITERS, BLOCK, asm, dt, pack, num_warps=8)
     f(); torch.cuda.synchronize()
     ms = do_bench(f, warmup=20, rep=100)
     clk = args.clock_ghz * 1e9
