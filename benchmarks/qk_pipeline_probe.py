@@ -91,13 +91,21 @@ def sass(cfg, pipe, softcap, dump=None):
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 7)}
     c = triton.compile(ASTSource(fn=fa_fwd, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": w, "num_stages": st})
+    return op_sequence(c.asm["cubin"], dump)
+
+
+def op_sequence(cubin: bytes, dump=None) -> str:
+    """The kernel's wgmma, MUFU, barrier and copy instructions in SASS order, runs collapsed (OPxN)."""
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(c.asm["cubin"])
-    s = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+        f.write(cubin)
+    try:
+        s = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
     if dump:
-        open(dump, "w").write(s)
-    # sequence of interesting ops
+        with open(dump, "w") as out:
+            out.write(s)
     seq = []
     for line in s.splitlines():
         m = re.search(r"\s(HGMMA\S*|WARPGROUP\.\S+|MUFU\.\w+|BAR\.\S+|BRA\b|LDGSTS\S*|DEPBAR\S*)", line)
@@ -161,20 +169,7 @@ if __name__ == "__main__":
                 o = torch.empty_like(q)
                 ck = fa_fwd[(S // bm, B * H)](q, k, v, o, 0.1, 0.1, 0.1, S, H, BLOCK_M=bm, BLOCK_N=bn, D=D, SOFTCAP=True,
                                               PIPE=pipe, num_warps=w, num_stages=st)
-                tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-                with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-                    f.write(ck.asm["cubin"])
-                s = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
-                seq = []
-                for line in s.splitlines():
-                    m = re.search(r"\s(HGMMA\S*|WARPGROUP\.\S+|MUFU\.\w+|BAR\.\S+|BRA\b|LDGSTS\S*|DEPBAR\S*)", line)
-                    if m:
-                        op = m.group(1)
-                        if seq and seq[-1][0] == op:
-                            seq[-1][1] += 1
-                        else:
-                            seq.append([op, 1])
-                print(cfg, pipe, ck.n_regs, ck.n_spills, " ".join(f"{o}x{n}" if n > 1 else o for o, n in seq), flush=True)
+                print(cfg, pipe, ck.n_regs, ck.n_spills, op_sequence(ck.asm["cubin"]), flush=True)
     elif a.gpu:
         gpu(a)
     else:
