@@ -30,6 +30,21 @@ TL_DTYPES = {
     torch.int64: "tl.int64", torch.uint8: "tl.uint8", torch.bool: "tl.int1",
 }
 
+# tanh's exp form loses precision near 0 (see _tanh); below this |x| it is the Taylor series
+# x + x^3 (c3 + x^2 (c5 + ...)) to x^17, whose truncation there is under 0.1 ulp (shared with
+# lowering/template.py)
+TANH_SERIES_BELOW = 0.55
+TANH_SERIES = (-1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075,
+               -929569 / 638512875, 6404582 / 10854718875)
+
+
+def _horner(var: str, coeffs) -> str:
+    inner = repr(coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        inner = f"({c!r} + {var} * {inner})"
+    return inner
+
+
 # Shared helpers the printed code may call; they go once at the top of the rendered module.
 HELPERS = '''
 @triton.jit
@@ -48,13 +63,30 @@ def _pymod(a, b):
 
 
 @triton.jit
+def _pow(x, y):
+    # torch.pow for a float base and a tensor exponent: |x| ** y through exp2 / log2, then the sign
+    # an odd integer y gives a negative x, NaN for a negative x and a non-integer y, and x ** 0 = 1
+    r = tl.exp2(tl.log2(tl.abs(x)) * y)
+    whole = y == tl.floor(y)
+    odd = whole & (tl.floor(y * 0.5) * 2.0 != y)
+    r = tl.where((x < 0) & odd, -r, r)
+    r = tl.where((x < 0) & ~whole, float("nan"), r)
+    return tl.where(y == 0, 1.0, r)
+
+
+@triton.jit
 def _tanh(x):
     # exact to a few ulp and runs everywhere (libdevice is unavailable in the interpreter); an
     # FMA-only Newton reciprocal instead of the division measured slower on the H100 (softcap fwd
     # 255 vs 303 TFLOP/s), and so did x * (1 / c) for x / c (280 vs 303, one run each)
-    e = tl.exp(-2.0 * tl.abs(x))
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
     t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
+    # near 0, 1 - e cancels (relative error ~eps/|x|) and the error of e is magnified, which a
+    # gradient through tanh(x) - x(1 - tanh^2) magnifies again: the Taylor series there
+    z = x * x
+    p = x + x * z * @TANH_SERIES@
+    return tl.where(a < @TANH_SERIES_BELOW@, p, tl.where(x < 0, -t, t))
 
 
 @triton.jit
@@ -62,7 +94,7 @@ def _tanh_approx(x):
     # Hopper's MUFU tanh (max rel. error ~2^-11): kernel_options FAST_TANH, the 16-bit default
     return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                      is_pure=True, pack=1)
-'''
+'''.replace("@TANH_SERIES@", _horner("z", TANH_SERIES)).replace("@TANH_SERIES_BELOW@", repr(TANH_SERIES_BELOW))
 
 
 @dataclass
@@ -738,8 +770,23 @@ class _Printer:
                 return self.emit(f"tl.sqrt({a.code})", dt, a.axes)
             if not _is_float(dt):
                 raise self.fail("integer pow with a non-literal or large exponent")
+            if f is aten.pow.Tensor_Scalar and isinstance(args[1], float) and args[1].is_integer() and 0 <= args[1] <= 8:
+                # autograd's pow backward writes x ** (n - 1.0): still a product, right for x < 0
+                if args[1] == 0:
+                    return self.emit(f"tl.full([1, 1], 1, {TL_DTYPES[dt]})", dt, ())
+                return self.emit(" * ".join([a.code] * int(args[1])), dt, a.axes)
             base = a.code if _is_float(a.dtype) else f"{a.code}.to(tl.float32)"
-            return self.emit(f"tl.exp2(tl.log2({base}) * {b.code})", dt, a.axes | b.axes)
+            if not isinstance(args[0], torch.fx.Node):
+                base = f"tl.full([1, 1], {float(args[0])!r}, tl.float32)"
+            if isinstance(args[1], torch.fx.Node):
+                return self.emit(f"_pow({base}, {b.code})", dt, a.axes | b.axes)
+            y = float(args[1])
+            if not y.is_integer():  # log2 of a negative base is NaN, as torch.pow gives
+                return self.emit(f"tl.exp2(tl.log2({base}) * {y!r})", dt, a.axes)
+            r = self.emit(f"tl.exp2(tl.log2(tl.abs({base})) * {y!r})", dt, a.axes)
+            if int(y) % 2 == 0:
+                return r
+            return self.emit(f"tl.where({base} < 0, -{r.code}, {r.code})", dt, a.axes)
         if f is aten.square.default:
             a = self.val(args[0])
             return self.emit(f"{a.code} * {a.code}", a.dtype, a.axes)

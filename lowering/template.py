@@ -26,6 +26,7 @@ from inductor_flex.templates import render
 
 from . import tuning_masks
 from inductor_flex.joint_graph import prescale
+from inductor_flex.printer import TANH_SERIES, TANH_SERIES_BELOW
 
 from .configs import Config, autotune_pays, filter_warp_specialize, forward_configs, head_pad, wide_configs
 
@@ -237,7 +238,8 @@ def _subgraph_buffer(gm, args):
 
 
 def _exp_tanh(gm, fast: bool = False):
-    """``gm`` with aten.tanh in its exp form, exp(-2|x|) written as exp2(-2·log2(e)·|x|), or with
+    """``gm`` with aten.tanh in its exp form, exp(-2|x|) written as exp2(-2·log2(e)·|x|) (the Taylor
+    series near 0, see _tanh_nodes), or with
     ``fast`` (kernel_options FAST_TANH, see validation.use_fast_tanh) as the hardware tanh.approx.f32
     where Inductor prints inline asm (compat.inductor_lowers_inline_asm).
 
@@ -261,16 +263,31 @@ def _exp_tanh(gm, fast: bool = False):
             g.erase_node(node)
             continue
         with g.inserting_before(node):
-            e = g.call_function(aten.exp2.default, (g.call_function(aten.mul.Tensor, (
-                g.call_function(aten.abs.default, (x,)), -2.0 * 1.4426950408889634)),))
-            t = g.call_function(aten.div.Tensor, (g.call_function(aten.add.Tensor, (g.call_function(aten.neg.default, (e,)), 1.0)),
-                                                  g.call_function(aten.add.Tensor, (e, 1.0))))
-            neg = g.call_function(aten.lt.Scalar, (x, 0.0))
-            out = g.call_function(aten.where.self, (neg, g.call_function(aten.neg.default, (t,)), t))
+            out = _tanh_nodes(g, x)
         node.replace_all_uses_with(out)
         g.erase_node(node)
     gm.recompile()
     return gm
+
+
+def _tanh_nodes(g, x):
+    """The printer's _tanh as graph nodes: the exp form, and the Taylor series near 0 where its
+    1 - e cancels."""
+    aten = torch.ops.aten
+
+    def op(target, *args):
+        return g.call_function(target, args)
+
+    a = op(aten.abs.default, x)
+    e = op(aten.exp2.default, op(aten.mul.Tensor, a, -2.0 * 1.4426950408889634))
+    t = op(aten.div.Tensor, op(aten.add.Tensor, op(aten.neg.default, e), 1.0), op(aten.add.Tensor, e, 1.0))
+    t = op(aten.where.self, op(aten.lt.Scalar, x, 0.0), op(aten.neg.default, t), t)
+    z = op(aten.mul.Tensor, x, x)
+    poly = TANH_SERIES[-1]
+    for c in reversed(TANH_SERIES[:-1]):
+        poly = op(aten.add.Tensor, op(aten.mul.Tensor, z, poly), c)
+    series = op(aten.add.Tensor, x, op(aten.mul.Tensor, op(aten.mul.Tensor, x, z), poly))
+    return op(aten.where.self, op(aten.lt.Scalar, a, TANH_SERIES_BELOW), series, t)
 
 
 def lower_tanh_approx(x):

@@ -59,12 +59,19 @@ def test_compiled_captured_tensor_gradients_in_kernel(name, backend, backward_ca
 
     torch._dynamo.reset()
     compiled = torch.compile(attn, backend=backend, fullgraph=True)
-    q, k, v = make_inputs(shape, torch.float32, "cpu", requires_grad=True)
-    g = torch.randn(1, 4, L, 32)
-    got = _grads(compiled, q, k, v, caps, g)
-    assert len(backward_calls) == 1
-    r = [t.detach().double().requires_grad_() for t in (q, k, v, *caps)]
-    ref = _grads(lambda q, k, v, *c: math_attention(q, k, v, factory(*c))[0], r[0], r[1], r[2], r[3:], g.double())
-    low = _grads(lambda q, k, v, *c: math_attention(q, k, v, factory(*c))[0], q, k, v, caps, g)
-    for i, (a, r, lo) in enumerate(zip(got, ref, low)):
+    # pooled over 3 draws, as check_backward(draws=...): a 0-d temperature's gradient is one sum
+    # over every score, and one draw's error against the same-dtype reference's is a coin toss
+    # (1.4e-6 against 2.0e-7 on the first draw, while the kernel with a float64 tanh makes 9.4e-7)
+    draws = []
+    for _ in range(3):
+        q, k, v = make_inputs(shape, torch.float32, "cpu", requires_grad=True)
+        g = torch.randn(1, 4, L, 32)
+        got = _grads(compiled, q, k, v, caps, g)
+        r = [t.detach().double().requires_grad_() for t in (q, k, v, *caps)]
+        ref = _grads(lambda q, k, v, *c: math_attention(q, k, v, factory(*c))[0], r[0], r[1], r[2], r[3:], g.double())
+        low = _grads(lambda q, k, v, *c: math_attention(q, k, v, factory(*c))[0], q, k, v, caps, g)
+        draws.append((got, ref, low))
+    assert len(backward_calls) == 3
+    for i in range(len(draws[0][0])):
+        a, r, lo = (torch.cat([d[side][i].flatten() for d in draws]) for side in range(3))
         assert_close_to_reference(a, r, lo, torch.float32, f"grad {i}")
