@@ -36,6 +36,11 @@ TL_DTYPES = {
 TANH_SERIES_BELOW = 0.55
 TANH_SERIES = (-1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075,
                -929569 / 638512875, 6404582 / 10854718875)
+# expm1 and log1p likewise near 0: under |x| = 0.5, x + x^2 (1/2! + x (1/3! + ...)) to x^9, and
+# 2 atanh(s) = 2 (s + s^3 (1/3 + s^2 (1/5 + ...))) to s^15 with s = x / (2 + x), for -0.5 < x < 1
+# (|s| < 1/3)
+EXPM1_SERIES = tuple(1 / math.factorial(k) for k in range(2, 10))
+LOG1P_SERIES = tuple(1 / k for k in range(3, 17, 2))
 
 
 def _horner(var: str, coeffs) -> str:
@@ -90,11 +95,28 @@ def _tanh(x):
 
 
 @triton.jit
+def _expm1(x):
+    # exp(x) - 1 cancels near 0 (~eps/|x| relative): the series there
+    p = x + x * x * @EXPM1_SERIES@
+    return tl.where(tl.abs(x) < 0.5, p, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _log1p(x):
+    # log(1 + x) loses x's low bits in 1 + x near 0: 2 atanh(x / (2 + x)) as a series there
+    s = x / (2.0 + x)
+    z = s * s
+    p = 2.0 * s + 2.0 * s * z * @LOG1P_SERIES@
+    return tl.where((x > -0.5) & (x < 1.0), p, tl.log(1.0 + x))
+
+
+@triton.jit
 def _tanh_approx(x):
     # Hopper's MUFU tanh (max rel. error ~2^-11): kernel_options FAST_TANH, the 16-bit default
     return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                      is_pure=True, pack=1)
-'''.replace("@TANH_SERIES@", _horner("z", TANH_SERIES)).replace("@TANH_SERIES_BELOW@", repr(TANH_SERIES_BELOW))
+'''.replace("@TANH_SERIES@", _horner("z", TANH_SERIES)).replace("@TANH_SERIES_BELOW@", repr(TANH_SERIES_BELOW)) \
+    .replace("@EXPM1_SERIES@", _horner("x", EXPM1_SERIES)).replace("@LOG1P_SERIES@", _horner("z", LOG1P_SERIES))
 
 
 @dataclass
@@ -191,8 +213,8 @@ _FLOAT_UNARY = {
     aten.log2.default: "tl.log2({})", aten.sin.default: "tl.sin({})", aten.cos.default: "tl.cos({})",
     aten.sqrt.default: "tl.sqrt({})", aten.rsqrt.default: "tl.rsqrt({})", aten.sigmoid.default: "tl.sigmoid({})",
     aten.tanh.default: "_tanh({})", aten.floor.default: "tl.floor({})", aten.ceil.default: "tl.ceil({})",
-    aten.reciprocal.default: "(1.0 / {})", aten.log1p.default: "tl.log(1.0 + {})",
-    aten.expm1.default: "(tl.exp({}) - 1.0)", aten.erf.default: "tl.erf({})",
+    aten.reciprocal.default: "(1.0 / {})", aten.log1p.default: "_log1p({})",
+    aten.expm1.default: "_expm1({})", aten.erf.default: "tl.erf({})",
 }
 _ALIASES = {
     aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
@@ -779,7 +801,8 @@ class _Printer:
             if not isinstance(args[0], torch.fx.Node):
                 base = f"tl.full([1, 1], {float(args[0])!r}, tl.float32)"
             if isinstance(args[1], torch.fx.Node):
-                return self.emit(f"_pow({base}, {b.code})", dt, a.axes | b.axes)
+                y = b.code if _is_float(b.dtype) else f"{b.code}.to(tl.float32)"
+                return self.emit(f"_pow({base}, {y})", dt, a.axes | b.axes)
             y = float(args[1])
             if not y.is_integer():  # log2 of a negative base is NaN, as torch.pow gives
                 return self.emit(f"tl.exp2(tl.log2({base}) * {y!r})", dt, a.axes)

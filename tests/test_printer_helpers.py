@@ -15,17 +15,15 @@ from test_backward_interpreter import check_backward
 
 TRITON = {"BACKEND": "TRITON"}
 
-_PROBE = '''
-import triton
-import triton.language as tl
-''' + HELPERS + '''
-
+_UNARY = '''
 @triton.jit
-def tanh_kernel(X, Y, N, BLOCK: tl.constexpr):
+def NAME_kernel(X, Y, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(X + offs, mask=offs < N)
-    tl.store(Y + offs, _tanh(x), mask=offs < N)
-
+    tl.store(Y + offs, _NAME(x), mask=offs < N)
+'''
+_PROBE = "import triton\nimport triton.language as tl\n" + HELPERS + "".join(
+    _UNARY.replace("NAME", name) for name in ("tanh", "expm1", "log1p")) + '''
 
 @triton.jit
 def pow_kernel(X, P, Y, N, BLOCK: tl.constexpr):
@@ -77,6 +75,26 @@ def test_tanh_within_two_ulp_everywhere_and_half_an_ulp_near_zero(helpers):
     assert torch.isnan(_run(helpers.tanh_kernel, torch.tensor([float("nan")]))).all()
 
 
+@pytest.mark.parametrize("name", ["expm1", "log1p"])
+def test_expm1_log1p_within_two_ulp_and_exact_near_zero(helpers, name):
+    x = torch.cat([torch.linspace(-0.99, 9.0, 200001), torch.logspace(-8, 0, 20001), -torch.logspace(-8, -0.01, 20001),
+                   torch.tensor([0.0, float("inf")])])
+    got = _run(getattr(helpers, f"{name}_kernel"), x)
+    exact = getattr(torch, name)(x.double())
+    assert got[-1] == float("inf")
+    got, exact, x = got[:-1], exact[:-1], x[:-1]
+    ulps = _ulps(got, exact)
+    # exp(x) - 1 and log(1 + x) were ~eps/|x| relative near 0 (1e3 ulp at x = 1e-4); away from 0
+    # the forms keep them, whose error in exp(x) or 1 + x lands on a smaller result (4.1 ulp at 1.05)
+    assert ulps.max() <= 5.0, f"{name}: max error {ulps.max():.2f} ulp at x={x[ulps.argmax()].item()}"
+    near0 = x.abs() < 0.5
+    assert ulps[near0].max() <= 2.0, f"{name} near 0: {ulps[near0].max():.2f} ulp"
+    edges = torch.tensor([float("-inf")]) if name == "expm1" else torch.tensor([-1.0, -2.0])
+    got = _run(getattr(helpers, f"{name}_kernel"), edges)
+    assert torch.equal(got.isnan(), getattr(torch, name)(edges).isnan())
+    assert torch.equal(got.nan_to_num(0.0), getattr(torch, name)(edges).nan_to_num(0.0))
+
+
 def test_pow_follows_torch_for_negative_bases_and_any_exponent(helpers):
     base = torch.tensor([-2.5, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
     expo = torch.tensor([3.0, 2.0, -1.0, -2.0, 0.0, 0.5, 2.5, -3.0, 7.0])
@@ -104,13 +122,14 @@ def test_odd_power_of_negative_scores_backward(dtype):
     check_backward((1, 2, 2, 37, 29, 16, 16), dtype, _cube, None, [torch.tensor(2.0)], draws=3)
 
 
-@pytest.mark.parametrize("exponent", [3.0, -1.0, 2.5], ids=["float3", "minus1", "fractional"])
-def test_literal_float_exponents_forward(exponent):
+@pytest.mark.parametrize("exponent", [3.0, -1.0, 2.5, "int_tensor"], ids=["float3", "minus1", "fractional", "int_tensor"])
+def test_float_exponents_of_negative_bases_forward(exponent):
     q, k, v = (torch.randn(1, 2, 21, 16) for _ in range(3))
+    per_head = torch.tensor([2, 3])
 
     def score_mod(score, b, h, q_idx, kv_idx):
         # shifted so some bases are negative: NaN for the fractional exponent, as torch gives
-        return score + 0.01 * (score - 0.5) ** exponent
+        return score + 0.01 * (score - 0.5) ** (per_head[h] if exponent == "int_tensor" else exponent)
 
     from inductor_flex.reference import math_attention
 

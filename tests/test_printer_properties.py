@@ -7,7 +7,7 @@ programs also go through torch.compile, where Inductor lowers them into the same
 A program is a small expression tree over the mods' arguments: integer arithmetic on the indices
 (floor division and modulo by constants, with negative operands, which Triton's C-style `//` and
 `%` do not follow on their own), comparisons and boolean algebra for masks, and float arithmetic,
-transcendental functions, `where`, and a captured table read at a computed index for score_mods."""
+transcendental functions, powers of either sign, `where`, and a captured table read at a computed index for score_mods."""
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
@@ -41,7 +41,9 @@ _floats = st.recursive(
     lambda sub: st.one_of(
         st.tuples(st.sampled_from(["fadd", "fsub", "fmax", "fmin"]), sub, sub),
         st.tuples(st.just("fmul"), sub, st.floats(-2.0, 2.0, allow_nan=False).map(lambda c: round(c, 3))),
-        st.tuples(st.sampled_from(["tanh", "sigmoid", "fabs", "sin"]), sub),
+        st.tuples(st.sampled_from(["tanh", "sigmoid", "fabs", "sin", "expm1"]), sub),
+        # integer and integral float exponents of any sign of base (autograd writes x ** 2.0)
+        st.tuples(st.just("pow"), sub, st.sampled_from([2, 3, 2.0, 3.0])),
         st.tuples(st.just("where"), _bools, sub, sub),
     ),
     max_leaves=6,
@@ -65,8 +67,10 @@ def _eval(node, env):
         return {"floordiv": lambda: a // c, "mod": lambda: a % c, "mul": lambda: a * c, "fmul": lambda: a * c}[op]()
     if op in ("abs", "fabs"):
         return a.abs()
-    if op in ("tanh", "sigmoid", "sin"):
+    if op in ("tanh", "sigmoid", "sin", "expm1"):
         return getattr(torch, op)(a)
+    if op == "pow":
+        return a ** args[1]
     if op == "not":
         return torch.logical_not(a)
     if op == "where":
