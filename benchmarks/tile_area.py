@@ -4,8 +4,8 @@
 A kernel walks every partial and full tile of its BlockMask and computes the whole tile, so its
 useful TFLOP/s (what bench_attention.py reports: unmasked pairs only) is its raw rate divided by
 computed area / useful area. This prints that ratio for the benchmark's masks on several tile
-grids: torch flex's BlockMask blocks are 128 x 128 (its kernel computes every listed block whole), ours refines them (64 x 64 by default, refine_block_mask).
-At equal raw rate, ours / torch flex = ratio(128 x 128) / ratio(ours).
+grids: torch flex's BlockMask blocks are 128 x 128 (its kernel computes every listed block whole),
+ours are refined to 64 x 64 (refine_block_mask). At equal raw rate, ours / torch flex = ratio(128 x 128) / ratio(ours).
 
     python benchmarks/tile_area.py --case document --S 1024 [--seeds 0,1,2] [--tiles 128x128,64x64,64x32]
 """
