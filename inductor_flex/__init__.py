@@ -34,6 +34,7 @@ _check_torch_version()
 from .attention import AuxOutput, AuxRequest, flex_attention
 from .block_mask import BlockMask, create_block_mask, create_mask, refine_block_mask
 from .mods import FlexModError, and_masks, noop_mask, or_masks
+from .validation import FlexKernelOptions
 from . import dynamo as _dynamo
 
 _dynamo.install()
@@ -54,6 +55,6 @@ def kernel_source(query, key, value, score_mod=None, block_mask=None, scale=None
 
 
 __all__ = [
-    "AuxOutput", "AuxRequest", "BlockMask", "FlexModError", "and_masks", "create_block_mask", "create_mask",
+    "AuxOutput", "AuxRequest", "BlockMask", "FlexKernelOptions", "FlexModError", "and_masks", "create_block_mask", "create_mask",
     "flex_attention", "kernel_source", "noop_mask", "or_masks", "refine_block_mask",
 ]

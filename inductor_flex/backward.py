@@ -98,8 +98,11 @@ def _memo(bplan: BackwardPlan) -> dict:
 def _pinned(opts: dict, m: str, n: str, default: Config) -> Optional[Config]:
     if m not in opts and n not in opts:
         return None
-    return Config(opts.get(m, default.BLOCK_M), opts.get(n, default.BLOCK_N), opts.get("num_warps", default.num_warps),
-                  opts.get("num_stages", default.num_stages))
+    # validate_kernel_options keeps the backward's launch values apart (0: the default), so that
+    # a forward-only "fwd_num_warps" does not reach these kernels
+    warps = opts.get("_BWD_NUM_WARPS", opts.get("num_warps")) or default.num_warps
+    stages = opts.get("_BWD_NUM_STAGES", opts.get("num_stages")) or default.num_stages
+    return Config(opts.get(m, default.BLOCK_M), opts.get(n, default.BLOCK_N), warps, stages)
 
 
 class Launch(NamedTuple):

@@ -63,6 +63,9 @@ class BlockMask:
     _runs_kv: Optional[bool] = None
     _runs_q: Optional[bool] = None
     _union_kv: Optional[bool] = None
+    # False: built with separate_full_blocks=False, every block partial, mask_mod on all of them
+    # (the kernels' 64 x 64 refinement is then left off unless REFINE_BLOCK_MASK asks for it)
+    separate_full_blocks: bool = True
 
     def __init__(
         self,
@@ -107,8 +110,24 @@ class BlockMask:
         BLOCK_SIZE: Union[int, Tuple[int, int]] = 128,
         mask_mod: Optional[Callable] = None,
         seq_lengths: Optional[Tuple[int, int]] = None,
+        compute_q_blocks: bool = True,
+        *,
+        dq_write_order: Optional[torch.Tensor] = None,
+        dq_write_order_full: Optional[torch.Tensor] = None,
+        dq_kv_order: Union[torch.Tensor, bool, None] = None,
     ) -> "BlockMask":
-        """Build a BlockMask from kv-side block lists; the q-side lists are derived by transposing."""
+        """Build a BlockMask from kv-side block lists; the q-side lists are derived by transposing.
+
+        ``compute_q_blocks`` and the keyword-only ``dq_*`` arguments are PyTorch's: accepted for the
+        import switch and unused (the backward kernels always need the q-side lists, which cost one
+        transpose of the block map; dQ is deterministic here without a write order)."""
+        if not isinstance(compute_q_blocks, bool):
+            raise ValueError(f"from_kv_blocks: compute_q_blocks must be a bool, got {compute_q_blocks!r}")
+        for name, t in (("dq_write_order", dq_write_order), ("dq_write_order_full", dq_write_order_full)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise ValueError(f"from_kv_blocks: {name} must be a tensor or None, got {type(t).__name__}")
+        if dq_kv_order is not None and not isinstance(dq_kv_order, (bool, torch.Tensor)):
+            raise ValueError(f"from_kv_blocks: dq_kv_order must be a bool, a tensor or None, got {dq_kv_order!r}")
         bs = _normalize_block_size(BLOCK_SIZE)
         if kv_indices.dim() != 4:
             raise ValueError(f"kv_indices must be 4-D (B, H, num_q_blocks, num_kv_blocks), got shape {tuple(kv_indices.shape)}")
@@ -170,6 +189,29 @@ class BlockMask:
         dense = self.to_dense()
         return 100.0 * (1.0 - dense.sum().item() / max(dense.numel(), 1))
 
+    def numel(self) -> int:
+        """Elements of the mask it describes, B * H * Q_LEN * KV_LEN, sparsity not counted."""
+        return math.prod(self.shape)
+
+    def _adjust(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
+        """The mask cut down to the first new_q_len queries and new_kv_len keys (PyTorch's name, kept
+        so that decode loops written for it run): query blocks past the new length are dropped and
+        kv blocks past it leave every list. Lengths beyond the mask's own raise: no blocks exist there."""
+        Lq, Lkv = self.seq_lengths
+        for name, new, old in (("new_q_len", new_q_len, Lq), ("new_kv_len", new_kv_len, Lkv)):
+            if isinstance(new, bool) or not isinstance(new, int) or not 0 < new <= old:
+                raise ValueError(f"BlockMask._adjust: {name} must be an int in [1, {old}] (the mask's own length), "
+                                 f"got {new!r}")
+        nq, nk = math.ceil(new_q_len / self.BLOCK_SIZE[0]), math.ceil(new_kv_len / self.BLOCK_SIZE[1])
+        partial = self.partial_blocks()[:, :, :nq, :nk]
+        full = None if self.full_kv_num_blocks is None else self.full_blocks()[:, :, :nq, :nk]
+        out = _from_maps(partial, full, (new_q_len, new_kv_len), self.BLOCK_SIZE, self.mask_mod)
+        out.full_from_mask_mod = self.full_from_mask_mod
+        out.separate_full_blocks = self.separate_full_blocks
+        if self.refined is not None:
+            out.refined = self.refined._adjust(new_q_len, new_kv_len)
+        return out
+
     def to(self, device: Union[str, torch.device]) -> "BlockMask":
         def mv(t):
             return None if t is None else t.to(device)
@@ -181,6 +223,7 @@ class BlockMask:
         )
         out.refined = self.refined.to(device) if self.refined is not None else None
         out.full_from_mask_mod = self.full_from_mask_mod
+        out.separate_full_blocks = self.separate_full_blocks
         out._runs_kv, out._runs_q, out._union_kv = self._runs_kv, self._runs_q, self._union_kv
         return out
 
@@ -218,15 +261,26 @@ class BlockMask:
             BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=(q_len, self.seq_lengths[1]),
         )
         out.full_from_mask_mod = self.full_from_mask_mod
+        out.separate_full_blocks = self.separate_full_blocks
         # any subset of query blocks keeps each one's kv runs (the q side is read again if needed)
         out._runs_kv, out._union_kv = self._runs_kv or None, self._union_kv or None
         return out
 
-    def to_string(self, grid_size: Tuple[int, int] = (20, 40), b: int = 0, h: int = 0) -> str:
-        """ASCII picture of one (b, h) slice: '█' full, '░' partial, ' ' skipped.
+    def to_string(self, grid_size: Union[int, Tuple[int, int]] = (20, 40), b: int = 0, h: int = 0,
+                  limit: Optional[int] = None) -> str:
+        """ASCII picture of one (b, h) slice: '█' full, '░' partial, ' ' skipped; with ``limit``
+        (PyTorch's argument), of the first ``limit`` (b, h) slices instead.
 
         Large masks are shown downsampled: a cell is full only if every block it covers is.
         """
+        if isinstance(grid_size, int) and not isinstance(grid_size, bool):
+            grid_size = (grid_size, grid_size)
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+                raise ValueError(f"to_string: limit must be a positive int or None, got {limit!r}")
+            B, H = self.kv_num_blocks.shape[:2]
+            pairs = [(i, j) for i in range(B) for j in range(H)][:limit]
+            return "\n\n".join(self.to_string(grid_size, i, j) for i, j in pairs)
         full = self.full_blocks()[b, h]
         part = self.partial_blocks()[b, h]
         nq, nkv = full.shape
@@ -285,6 +339,13 @@ def _block_any_all(mask_mod, B, H, Q_LEN, KV_LEN, q_bs, kv_bs, device):
     return any_blk, all_blk
 
 
+def _default_device(device) -> torch.device:
+    # PyTorch's create_block_mask / create_mask take device=None too
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def create_block_mask(
     mask_mod: Optional[Callable],
     B: Optional[int],
@@ -294,32 +355,46 @@ def create_block_mask(
     device: Union[str, torch.device] = "cuda" if torch.cuda.is_available() else "cpu",
     BLOCK_SIZE: Union[int, Tuple[int, int]] = 128,
     _compile: bool = False,
+    separate_full_blocks: bool = True,
+    compute_dq_write_order: bool = False,
+    dq_kv_order: bool = True,
 ) -> BlockMask:
     """Evaluate ``mask_mod`` block by block and return the BlockMask.
 
     B / H may be None to build one mask broadcast over batch / heads. Peak memory is one chunk of
     the bool grid (about 32 MB), never the full (B, H, Q_LEN, KV_LEN) mask.
+
+    ``separate_full_blocks=False`` lists every non-empty block as partial, so the kernels apply
+    mask_mod everywhere. ``compute_dq_write_order`` / ``dq_kv_order`` are PyTorch's metadata for
+    its deterministic FLASH backward; accepted for the import switch, they change nothing here (the
+    dQ kernel owns its query tile, so dQ is deterministic without a write order).
     """
     if mask_mod is None:
         mask_mod = noop_mask
     check_arity(mask_mod, "mask_mod")
+    for name, v in (("separate_full_blocks", separate_full_blocks), ("compute_dq_write_order", compute_dq_write_order),
+                    ("dq_kv_order", dq_kv_order)):
+        if not isinstance(v, bool):
+            raise ValueError(f"create_block_mask: {name} must be a bool, got {v!r}")
     q_bs, kv_bs = _normalize_block_size(BLOCK_SIZE)
     B = 1 if B is None else B
     H = 1 if H is None else H
     for name, v in (("B", B), ("H", H), ("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"create_block_mask: {name} must be a positive int (or None for B/H), got {v!r}")
-    device = torch.device(device)
+    device = _default_device(device)
     if mask_mod is noop_mask:
         n_q, n_kv = math.ceil(Q_LEN / q_bs), math.ceil(KV_LEN / kv_bs)
         any_blk = all_blk = torch.ones(B, H, n_q, n_kv, dtype=torch.bool, device=device)
     else:
         any_blk, all_blk = _block_any_all(mask_mod, B, H, Q_LEN, KV_LEN, q_bs, kv_bs, device)
-    partial = any_blk & ~all_blk
-    full = all_blk
-    bm = _from_maps(partial, full, (Q_LEN, KV_LEN), (q_bs, kv_bs), mask_mod)
-    bm.full_from_mask_mod = True
-    _attach_refinement(bm)
+    if separate_full_blocks:
+        bm = _from_maps(any_blk & ~all_blk, all_blk, (Q_LEN, KV_LEN), (q_bs, kv_bs), mask_mod)
+        bm.full_from_mask_mod = True
+        _attach_refinement(bm)
+    else:
+        bm = _from_maps(any_blk, None, (Q_LEN, KV_LEN), (q_bs, kv_bs), mask_mod)
+        bm.separate_full_blocks = False
     if not torch.compiler.is_compiling() and bm.kv_indices.device.type != "meta":
         # read now, with the refinement's device reads, so calls (and compiled graphs, which see
         # these as constants) need none
@@ -384,11 +459,14 @@ def _refined_maps(block_mask: BlockMask, fq: int, fk: int) -> Tuple[torch.Tensor
     return fine_partial, fine_full
 
 
-def _from_maps(partial: torch.Tensor, full: torch.Tensor, seq_lengths, block_size, mask_mod) -> BlockMask:
+def _from_maps(partial: torch.Tensor, full: Optional[torch.Tensor], seq_lengths, block_size, mask_mod) -> BlockMask:
+    # full None: a mask with no full-block lists at all (separate_full_blocks=False)
     kv_num, kv_idx = _ordered_indices(partial)
-    full_kv_num, full_kv_idx = _ordered_indices(full)
     q_num, q_idx = _ordered_indices(partial.transpose(-1, -2))
-    full_q_num, full_q_idx = _ordered_indices(full.transpose(-1, -2))
+    full_kv_num = full_kv_idx = full_q_num = full_q_idx = None
+    if full is not None:
+        full_kv_num, full_kv_idx = _ordered_indices(full)
+        full_q_num, full_q_idx = _ordered_indices(full.transpose(-1, -2))
     return BlockMask(
         seq_lengths, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx,
         block_size, mask_mod,
@@ -466,7 +544,7 @@ def create_mask(
     """
     B = 1 if B is None else B
     H = 1 if H is None else H
-    device = torch.device(device)
+    device = _default_device(device)
     idx = [torch.arange(n, device=device) for n in (B, H, Q_LEN, KV_LEN)]
     import inspect
 

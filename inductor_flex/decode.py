@@ -406,7 +406,7 @@ def maybe_decode(query, key, value, score_mod, block_mask, scale, opts):
     BACKEND 'TRITON_DECODE' always decodes (and raises where it cannot); AUTO / TRITON decode short
     queries that need no gradient (the decode kernel has no backward)."""
     forced = opts.get("BACKEND") == "TRITON_DECODE"
-    if not forced and query.shape[2] > DECODE_MAX_LQ:
+    if not forced and (query.shape[2] > DECODE_MAX_LQ or opts.get("FORCE_USE_FLEX_ATTENTION")):
         return None
     grad = torch.is_grad_enabled()
     if grad and any(t.requires_grad for t in (query, key, value)):

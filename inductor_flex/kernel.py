@@ -461,6 +461,8 @@ def _refined(block_mask: Optional[BlockMask], mask: PrintedMod, B: int, Hq: int,
                          f"of {FINE_BLOCK}, got BLOCK_SIZE {block_mask.BLOCK_SIZE}")
     if not refinable(block_mask):
         return None
+    if flag is None and not block_mask.separate_full_blocks:
+        return None  # its maker asked for mask_mod on every block
     if flag is None and any(k in opts for k in PINNED_TILES):
         return None  # the user chose tiles for this BlockMask's block size
     reads = _index_reads(mask)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, TypedDict
 
 import torch
 
@@ -43,7 +43,63 @@ KNOWN_KERNEL_OPTIONS = {
     "KV_RUNS": bool,
     # a score_mod that is a * score + key bias + row bias runs as one FMA per score (kernel.use_separable)
     "SEPARABLE_SCORE_MOD": bool,
+    # PyTorch's knob: never the decode kernel, the forward kernel for short queries too
+    "FORCE_USE_FLEX_ATTENTION": bool,
 }
+
+class FlexKernelOptions(TypedDict, total=False):
+    """Type of ``kernel_options`` (a plain dict works as well); the guide's kernel_options section
+    says what each key does. PyTorch's keys are accepted too (COMPAT_KERNEL_OPTIONS), and any key
+    read by one pass may carry a "fwd_" / "bwd_" prefix, e.g. "bwd_BLOCK_M1", "fwd_num_warps"."""
+
+    BACKEND: str
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+    FAST_TANH: bool
+    DETERMINISTIC: bool
+    SPLIT_KV: int
+    BLOCK_M1: int
+    BLOCK_N1: int
+    BLOCK_M2: int
+    BLOCK_N2: int
+    FUSED_DQ: bool
+    REFINE_BLOCK_MASK: bool
+    SPECIALIZE_LAYOUT: bool
+    USE_TMA: bool
+    WARP_SPECIALIZE: bool
+    KV_RUNS: bool
+    SEPARABLE_SCORE_MOD: bool
+    FORCE_USE_FLEX_ATTENTION: bool
+    PRESCALE_QK: bool
+    ROWS_GUARANTEED_SAFE: bool
+    BLOCKS_ARE_CONTIGUOUS: bool
+    WRITE_DQ: bool
+    kpack: int
+    matrix_instr_nonkdim: int
+    waves_per_eu: int
+
+
+# PyTorch's FlexKernelOptions keys that have nothing to change here: accepted (and type-checked) so
+# that code written for torch.nn.attention.flex_attention runs after the import switch
+COMPAT_KERNEL_OPTIONS = {
+    "PRESCALE_QK": bool,  # the kernels already fold scale * log2(e) into the exp2's FFMA
+    "ROWS_GUARANTEED_SAFE": bool,  # a promise of no empty rows; an empty row costs one select per row here
+    "BLOCKS_ARE_CONTIGUOUS": bool,  # the kernels read block runs off the BlockMask itself (KV_RUNS)
+    "WRITE_DQ": bool,  # which of PyTorch's backward loops scatters captured-tensor gradients
+    "kpack": int,  # the three: ROCm only
+    "matrix_instr_nonkdim": int,
+    "waves_per_eu": int,
+}
+
+# keys one pass reads: PyTorch's "fwd_" / "bwd_" prefixes apply a value to that pass only
+FORWARD_ONLY_OPTIONS = ("BLOCK_M", "BLOCK_N", "SPLIT_KV", "USE_TMA", "WARP_SPECIALIZE", "FORCE_USE_FLEX_ATTENTION")
+BACKWARD_ONLY_OPTIONS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "FUSED_DQ", "DETERMINISTIC")
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+# the backward's num_warps / num_stages after validation (0: its default): apart from the forward's,
+# so that "fwd_num_warps" stays out of the backward
+BACKWARD_LAUNCH_KEYS = {"num_warps": "_BWD_NUM_WARPS", "num_stages": "_BWD_NUM_STAGES"}
 
 
 def use_fast_tanh(opts: Dict[str, Any], dtype: torch.dtype, on_gpu: bool) -> bool:
@@ -62,23 +118,68 @@ def validate_kernel_options(kernel_options: Optional[Dict[str, Any]]) -> Dict[st
         return {"BACKEND": "AUTO"}
     if not isinstance(kernel_options, dict):
         raise TypeError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
-    opts = dict(kernel_options)
-    for k, v in opts.items():
-        if k not in KNOWN_KERNEL_OPTIONS:
-            raise ValueError(
-                f"kernel_options: unknown key {k!r}; known keys are {sorted(KNOWN_KERNEL_OPTIONS)}"
-            )
-        want = KNOWN_KERNEL_OPTIONS[k]
-        if want is int and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ValueError(f"kernel_options[{k!r}] must be a positive int, got {v!r}")
-        if want is bool and not isinstance(v, bool):
-            raise ValueError(f"kernel_options[{k!r}] must be a bool, got {v!r}")
+    for k, v in kernel_options.items():
+        _check_option(k, v)
+    if kernel_options.get("FORCE_USE_FLEX_ATTENTION") and "BACKEND" in kernel_options:
+        raise ValueError("kernel_options: BACKEND cannot be combined with FORCE_USE_FLEX_ATTENTION (as in PyTorch); "
+                         "drop FORCE_USE_FLEX_ATTENTION and pass BACKEND 'TRITON' or 'AUTO' alone")
+    opts = _resolve_pass_prefixes(kernel_options)
     opts.setdefault("BACKEND", "AUTO")
+    if opts["BACKEND"] == "FLASH":
+        raise ValueError("kernel_options['BACKEND'] 'FLASH' is PyTorch's CuteDSL FlashAttention kernel, which is "
+                         f"not part of inductor_flex; use one of {BACKENDS}")
     if opts["BACKEND"] not in BACKENDS:
         raise ValueError(f"kernel_options['BACKEND'] must be one of {BACKENDS}, got {opts['BACKEND']!r}")
     for k in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
         if k in opts and (opts[k] < 16 or opts[k] & (opts[k] - 1)):
             raise ValueError(f"kernel_options[{k!r}] must be a power of two >= 16, got {opts[k]}")
+    return opts
+
+
+def _check_option(k, v) -> None:
+    if not isinstance(k, str):
+        raise ValueError(f"kernel_options keys must be strings, got {k!r}")
+    base = k[4:] if k.startswith(("fwd_", "bwd_")) else k
+    want = KNOWN_KERNEL_OPTIONS.get(base, COMPAT_KERNEL_OPTIONS.get(base))
+    if want is None:
+        known = sorted(KNOWN_KERNEL_OPTIONS) + sorted(COMPAT_KERNEL_OPTIONS)
+        raise ValueError(f"kernel_options: unknown key {k!r}; known keys are {known} (each may carry a 'fwd_' "
+                         "or 'bwd_' prefix where it applies to one pass)")
+    if want is int and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+        raise ValueError(f"kernel_options[{k!r}] must be a positive int, got {v!r}")
+    if want is bool and not isinstance(v, bool):
+        raise ValueError(f"kernel_options[{k!r}] must be a bool, got {v!r}")
+    if want is str and not isinstance(v, str):
+        raise ValueError(f"kernel_options[{k!r}] must be a str, got {v!r}")
+    if base == k or base in COMPAT_KERNEL_OPTIONS or base in LAUNCH_OPTIONS:
+        return
+    prefix = k[:3]
+    if prefix == "fwd" and base in BACKWARD_ONLY_OPTIONS or prefix == "bwd" and base in FORWARD_ONLY_OPTIONS:
+        raise ValueError(f"kernel_options[{k!r}]: {base} is read by the "
+                         f"{'backward' if prefix == 'fwd' else 'forward'} only, so the {prefix}_ prefix leaves "
+                         f"nothing for it to set (the forward's tiles are BLOCK_M/BLOCK_N, the backward's "
+                         f"BLOCK_M1/BLOCK_N1 (dK/dV) and BLOCK_M2/BLOCK_N2 (dQ))")
+    if base not in FORWARD_ONLY_OPTIONS and base not in BACKWARD_ONLY_OPTIONS:
+        raise ValueError(f"kernel_options[{k!r}]: {base} applies to forward and backward alike here; "
+                         f"pass it without the {prefix}_ prefix")
+
+
+def _resolve_pass_prefixes(kernel_options: Dict[str, Any]) -> Dict[str, Any]:
+    """One key per setting: a prefixed key wins over the plain one for its pass; the backward's
+    num_warps / num_stages go to BACKWARD_LAUNCH_KEYS (the plain key then holds the forward's)."""
+    plain = {k: v for k, v in kernel_options.items() if not k.startswith(("fwd_", "bwd_"))}
+    opts = dict(plain)
+    for k, v in kernel_options.items():
+        if k.startswith(("fwd_", "bwd_")) and k[4:] not in LAUNCH_OPTIONS:
+            opts[k[4:]] = v  # one pass reads it (or nothing does: the compat keys)
+    for name, bwd_key in BACKWARD_LAUNCH_KEYS.items():
+        fwd = kernel_options.get("fwd_" + name, plain.get(name))
+        bwd = kernel_options.get("bwd_" + name, plain.get(name))
+        opts.pop(name, None)
+        if fwd is not None:
+            opts[name] = fwd
+        if bwd is not None or fwd is not None:
+            opts[bwd_key] = bwd or 0
     return opts
 
 

@@ -100,7 +100,8 @@ def try_decode_forward(query, key, value, score_mod, block_mask, scale, kernel_o
     opts = dict(kernel_options or {})
     backend = opts.get("BACKEND", "AUTO")
     forced = backend == "TRITON_DECODE"
-    if not forced and (backend not in ("AUTO", "TRITON") or query.shape[2] > DECODE_MAX_LQ):
+    if not forced and (backend not in ("AUTO", "TRITON") or query.shape[2] > DECODE_MAX_LQ
+                       or opts.get("FORCE_USE_FLEX_ATTENTION")):
         return None
     block_size = None if block_mask[2] is None else (int(block_mask[10]), int(block_mask[11]))
     reason = decode_supports(query, key, value, block_size)

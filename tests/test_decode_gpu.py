@@ -241,3 +241,24 @@ def test_reduce_overhead_decode_steps(masked):
         assert_close_to_reference(out, ref, low, torch.bfloat16, f"out (step {i}, position {pos})")
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0, dict(counters["inductor"])
+
+
+def test_force_use_flex_attention_runs_the_forward_kernel_eager_and_compiled():
+    # PyTorch's knob: short queries on the forward kernel, never the decode kernel or op
+    _need_cuda()
+    from torch._inductor.utils import run_and_get_code
+
+    q, k, v = make_inputs((2, 8, 2, 1, 1000, 64, 64), torch.bfloat16, "cuda")
+    opts = {"FORCE_USE_FLEX_ATTENTION": True}
+    before = D.stats["plans"] + D.stats["plan_hits"]
+    with torch.no_grad():
+        out, lse = flex_attention(q, k, v, enable_gqa=True, return_lse=True, kernel_options=opts)
+    torch.cuda.synchronize()
+    assert D.stats["plans"] + D.stats["plan_hits"] == before
+    assert_matches_reference(out, lse, q, k, v)
+    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, enable_gqa=True, return_lse=True, kernel_options=opts),
+                       fullgraph=True)
+    with torch.no_grad():
+        (out, lse), code = run_and_get_code(fn, q, k, v)
+    assert "flex_decode" not in "".join(code)
+    assert_matches_reference(out, lse, q, k, v)
