@@ -257,3 +257,30 @@ def test_torch_style_options_trace_under_torch_compile():
     out = fn(q, k, v)
     assert cnt.frame_count == 1
     assert torch.allclose(out, flex_attention(q, k, v, block_mask=bm), atol=1e-5)
+
+
+def test_mask_without_full_blocks_through_inductors_templates(interpreted_inductor):
+    # separate_full_blocks=False: no full lists at all, forward and backward templates under Inductor
+    from torch._inductor.utils import run_and_get_code
+    from conftest import assert_grads_close, compile_counter
+
+    S = 96
+    mod = generate_sliding_window(70)
+    bm = create_block_mask(mod, None, None, S, S, device="cpu", BLOCK_SIZE=32, separate_full_blocks=False)
+    q, k, v = make_inputs((1, 2, 2, S, S, 16, 16), torch.float32, "cpu", requires_grad=True)
+    cnt = compile_counter("inductor")
+    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=bm), backend=cnt, fullgraph=True)
+    g = torch.randn(1, 2, S, 16)
+
+    def step():
+        out = fn(q, k, v)
+        return (out, *torch.autograd.grad(out, (q, k, v), g))
+
+    (out, *grads), code = run_and_get_code(step)
+    assert "_attn_fwd_inner" in "\n".join(code) and "_bwd_dkdv_inner" in "\n".join(code)
+    split = create_block_mask(mod, None, None, S, S, device="cpu", BLOCK_SIZE=32)
+    assert split.full_blocks().any() and bm.full_kv_num_blocks is None
+    ref = math_attention(q.detach().double(), k.detach().double(), v.detach().double(), None, split)[0]
+    low = math_attention(q.detach(), k.detach(), v.detach(), None, split)[0]
+    assert_close_to_reference(out.detach(), ref, low, q.dtype, "out")
+    assert_grads_close(q, k, v, grads, g, None, split, q.dtype)
