@@ -284,3 +284,50 @@ def test_mask_without_full_blocks_through_inductors_templates(interpreted_induct
     low = math_attention(q.detach(), k.detach(), v.detach(), None, split)[0]
     assert_close_to_reference(out.detach(), ref, low, q.dtype, "out")
     assert_grads_close(q, k, v, grads, g, None, split, q.dtype)
+
+
+def _gallery(name, L, Lkv, H):
+    from inductor_flex import variants as V
+
+    table = torch.randn(H, 2 * L - 1, dtype=torch.float64)
+    docs = torch.tensor([0] * (Lkv // 3) + [1] * (Lkv // 3) + [2] * (Lkv - 2 * (Lkv // 3)))
+    return {
+        "causal": (None, V.generate_causal_mask()),
+        "sliding_window": (None, V.generate_sliding_window(17)),
+        "prefix_lm": (None, V.generate_prefix_lm_mask(11)),
+        "document": (None, V.generate_doc_mask_mod(V.generate_causal_mask(), docs)),
+        "alibi": (V.generate_alibi_bias(H), None),
+        "softcap": (V.generate_tanh_softcap(5.0), V.generate_causal_mask()),
+        "relative_bias": (V.generate_relative_bias(table), None),
+        "natten": (None, V.generate_natten_mask(8, L // 8, 3, 3)),
+        "empty_rows": (None, lambda b, h, q, kv: (q >= 5) & (kv <= q)),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "prefix_lm", "document", "alibi", "softcap",
+                                  "relative_bias", "natten", "empty_rows"])
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+def test_same_call_same_answer_as_torch(name, gqa):
+    # the import switch: one call written for PyTorch, both libraries, float64 on the CPU; out and
+    # lse agree to rounding, empty rows included
+    L = 64
+    Hq, Hkv = (4, 2) if gqa else (2, 2)
+    q = torch.randn(2, Hq, L, 24, dtype=torch.float64)
+    k = torch.randn(2, Hkv, L, 24, dtype=torch.float64)
+    v = torch.randn(2, Hkv, L, 16, dtype=torch.float64)
+    score_mod, mask_mod = _gallery(name, L, L, Hq)
+    results = []
+    for lib, make in ((torch_flex, torch_flex.create_block_mask), (None, create_block_mask)):
+        bm = None if mask_mod is None else make(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+        fn = torch_flex.flex_attention if lib is torch_flex else flex_attention
+        aux_cls = torch_flex.AuxRequest if lib is torch_flex else __import__("inductor_flex").AuxRequest
+        # PyTorch returns no max_scores on CPU
+        out, aux = fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=0.3, enable_gqa=gqa,
+                      return_aux=aux_cls(lse=True))
+        results.append((out, aux.lse))
+    for (a, b), what in zip(zip(*results), ("out", "lse")):
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), what
+        fin = torch.isfinite(a)
+        assert torch.allclose(a[fin], b[fin], rtol=1e-9, atol=1e-9), what
+    if name == "empty_rows":
+        assert (results[1][0][:, :, :5] == 0).all() and (results[1][1][:, :, :5] == float("-inf")).all()
