@@ -331,3 +331,36 @@ def test_same_call_same_answer_as_torch(name, gqa):
         assert torch.allclose(a[fin], b[fin], rtol=1e-9, atol=1e-9), what
     if name == "empty_rows":
         assert (results[1][0][:, :, :5] == 0).all() and (results[1][1][:, :, :5] == float("-inf")).all()
+
+
+_KEYS = sorted(KNOWN_KERNEL_OPTIONS) + sorted(COMPAT_KERNEL_OPTIONS)
+
+
+def _option_dicts():
+    from hypothesis import strategies as st
+
+    key = st.one_of(st.sampled_from(_KEYS), st.sampled_from(_KEYS).map(lambda k: "fwd_" + k),
+                    st.sampled_from(_KEYS).map(lambda k: "bwd_" + k), st.text(max_size=8), st.integers(0, 3))
+    value = st.one_of(st.booleans(), st.integers(-2, 300), st.sampled_from(["AUTO", "TRITON", "FLASH", "X", ""]),
+                      st.none(), st.floats(allow_nan=True))
+    return st.dictionaries(key, value, max_size=5)
+
+
+def test_any_kernel_options_dict_validates_or_names_the_problem():
+    # random dicts: a resolved dict of known keys, or a ValueError / TypeError that says kernel_options
+    from hypothesis import given, settings
+
+    @settings(max_examples=400, deadline=None)
+    @given(_option_dicts())
+    def check(opts):
+        try:
+            got = validate_kernel_options(opts)
+        except (ValueError, TypeError) as e:
+            assert "kernel_options" in str(e)
+            return
+        assert got["BACKEND"] in ("AUTO", "MATH", "TRITON", "TRITON_DECODE")
+        internal = {"_BWD_NUM_WARPS", "_BWD_NUM_STAGES"}
+        assert set(got) <= set(_KEYS) | internal
+        assert not any(k.startswith(("fwd_", "bwd_")) for k in got)
+
+    check()
