@@ -189,6 +189,12 @@ class BlockMask:
         dense = self.to_dense()
         return 100.0 * (1.0 - dense.sum().item() / max(dense.numel(), 1))
 
+    def _carry_facts(self, out: "BlockMask") -> "BlockMask":
+        # what a copy, slice or cut of this mask still says about how it was built
+        out.full_from_mask_mod = self.full_from_mask_mod
+        out.separate_full_blocks = self.separate_full_blocks
+        return out
+
     def numel(self) -> int:
         """Elements of the mask it describes, B * H * Q_LEN * KV_LEN, sparsity not counted."""
         return math.prod(self.shape)
@@ -205,9 +211,7 @@ class BlockMask:
         nq, nk = math.ceil(new_q_len / self.BLOCK_SIZE[0]), math.ceil(new_kv_len / self.BLOCK_SIZE[1])
         partial = self.partial_blocks()[:, :, :nq, :nk]
         full = None if self.full_kv_num_blocks is None else self.full_blocks()[:, :, :nq, :nk]
-        out = _from_maps(partial, full, (new_q_len, new_kv_len), self.BLOCK_SIZE, self.mask_mod)
-        out.full_from_mask_mod = self.full_from_mask_mod
-        out.separate_full_blocks = self.separate_full_blocks
+        out = self._carry_facts(_from_maps(partial, full, (new_q_len, new_kv_len), self.BLOCK_SIZE, self.mask_mod))
         if self.refined is not None:
             out.refined = self.refined._adjust(new_q_len, new_kv_len)
         return out
@@ -222,8 +226,7 @@ class BlockMask:
             mv(self.full_q_indices), self.BLOCK_SIZE, self.mask_mod,
         )
         out.refined = self.refined.to(device) if self.refined is not None else None
-        out.full_from_mask_mod = self.full_from_mask_mod
-        out.separate_full_blocks = self.separate_full_blocks
+        self._carry_facts(out)
         out._runs_kv, out._runs_q, out._union_kv = self._runs_kv, self._runs_q, self._union_kv
         return out
 
@@ -260,8 +263,7 @@ class BlockMask:
             kv_num, kv_idx, sel(self.full_kv_num_blocks), sel(self.full_kv_indices),
             BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=(q_len, self.seq_lengths[1]),
         )
-        out.full_from_mask_mod = self.full_from_mask_mod
-        out.separate_full_blocks = self.separate_full_blocks
+        self._carry_facts(out)
         # any subset of query blocks keeps each one's kv runs (the q side is read again if needed)
         out._runs_kv, out._union_kv = self._runs_kv or None, self._union_kv or None
         return out

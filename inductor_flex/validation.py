@@ -47,10 +47,14 @@ KNOWN_KERNEL_OPTIONS = {
     "FORCE_USE_FLEX_ATTENTION": bool,
 }
 
+
 class FlexKernelOptions(TypedDict, total=False):
     """Type of ``kernel_options`` (a plain dict works as well); the guide's kernel_options section
     says what each key does. PyTorch's keys are accepted too (COMPAT_KERNEL_OPTIONS), and any key
     read by one pass may carry a "fwd_" / "bwd_" prefix, e.g. "bwd_BLOCK_M1", "fwd_num_warps"."""
+
+    # spelled out for type checkers, which cannot read a TypedDict built from the two dicts; a test
+    # holds these keys to KNOWN_KERNEL_OPTIONS | COMPAT_KERNEL_OPTIONS
 
     BACKEND: str
     BLOCK_M: int
