@@ -23,6 +23,7 @@ import torch
 from . import compat
 from .block_mask import BlockMask
 from .launch import launch as launch_kernel
+from .mods import STATIC_MOD_DEPS
 from .kernel import (
     _block_mask_args, _constant, _default_block_mask, _printed_mod, interpreter_enabled, load_module,
     template_hooks, use_tma,
@@ -62,8 +63,14 @@ def _fingerprint(obj, depth: int = 0):
         return ("tensor", id(obj))
     if depth > 4:
         return ("obj", id(obj))
-    if _constant(obj) is not None:  # a list of constants by its contents: the print bakes them in
-        return _constant(obj)
+    if isinstance(obj, (list, tuple)):
+        const = _constant(obj)
+        if const is not None:  # a list of constants by its contents: the print bakes them in
+            return const
+    deps = getattr(obj, STATIC_MOD_DEPS, None)
+    if deps is not None:
+        # a wrapper whose closure and globals never change (paged.py's): itself, and what it wraps
+        return ("static", obj, tuple(_fingerprint(d, depth + 1) for d in deps))
     if isinstance(obj, functools.partial):
         return ("partial", _fingerprint(obj.func, depth + 1),
                 tuple(_fingerprint(a, depth + 1) for a in obj.args),
@@ -168,6 +175,7 @@ class DecodePlan:
         )
         self.counters: Dict[int, torch.Tensor] = {}  # per stream, see _counter
         self.spare_counters: list = []
+        self.parts: Dict[tuple, torch.Tensor] = {}  # per (stream, split), see _buffers
         self.module = None
         self.config: Optional[DecodeConfig] = None
         self.split: Optional[int] = None
@@ -298,15 +306,35 @@ def _counter(plan: DecodePlan, query) -> torch.Tensor:
     return counter
 
 
-def _buffers(query, value, split: int):
+# largest merge scratch (float32 elements) a plan keeps per stream; a step that needs more is long
+# enough for an allocation not to matter
+_MAX_KEPT_SCRATCH = 1 << 22
+
+
+def _buffers(query, value, split: int, plan: Optional[DecodePlan] = None):
     B, Hq, Lq, _ = query.shape
     Ev = value.shape[-1]
     out = torch.empty(B, Hq, Lq, Ev, dtype=query.dtype, device=query.device)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=query.device)
     mx = torch.empty(B, Hq, Lq, dtype=torch.float32, device=query.device)
-    # the shares' outputs, lse and max in one allocation
-    part = (torch.empty(B * Hq * Lq * split * (Ev + 2), dtype=torch.float32, device=query.device)
-            if split > 1 else None)
+    if split == 1:
+        return out, lse, mx, None
+
+    # the shares' outputs, lse and max in one allocation: scratch only the kernel reads, so given
+    # the plan one buffer per stream serves every launch (launches on one stream run in order) and
+    # a short step saves an allocation; inside a CUDA-graph capture each launch gets its own
+    numel = B * Hq * Lq * split * (Ev + 2)
+
+    def make():
+        return torch.empty(numel, dtype=torch.float32, device=query.device)
+
+    if (plan is None or numel > _MAX_KEPT_SCRATCH or query.device.type != "cuda"
+            or torch.cuda.is_current_stream_capturing()):
+        return out, lse, mx, make()
+    key = (compat.raw_stream(query.device), split)
+    part = plan.parts.get(key)
+    if part is None:
+        part = plan.parts[key] = compat.persistent_tensors(query.device, make)
     return out, lse, mx, part
 
 
@@ -322,7 +350,7 @@ def run_decode(plan: DecodePlan, query, key, value, block_mask: BlockMask, scale
     if plan.config is None or plan.kv_blocks != kv_blocks:
         plan.config, plan.split = _pick(plan, query, key, value, block_mask, scale)
         plan.kv_blocks = kv_blocks
-    out, lse, mx, part = _buffers(query, value, plan.split)
+    out, lse, mx, part = _buffers(query, value, plan.split, plan)
     _launch(plan, plan.module, query, key, value, block_mask, scale, plan.config, plan.split, out, lse, mx, part)
     return out, lse, mx
 

@@ -16,6 +16,9 @@ import torch
 
 SCORE_MOD_ARGS = ("score", "b", "h", "q_idx", "kv_idx")
 MASK_MOD_ARGS = ("b", "h", "q_idx", "kv_idx")
+# attribute of a mod that inductor_flex builds around another and never changes afterwards (closure
+# cells and globals fixed): the tuple of mods it wraps, so a plan key need not walk the wrapper
+STATIC_MOD_DEPS = "_inductor_flex_wraps"
 
 
 class FlexModError(TypeError):

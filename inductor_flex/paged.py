@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 from .block_mask import BlockMask, _ordered_indices
-from .mods import noop_mask
+from .mods import STATIC_MOD_DEPS, noop_mask
 
 IntLike = Union[int, torch.Tensor]
 
@@ -214,6 +214,7 @@ class PagedKVCache:
             return ok & inner(b, h, q_idx, logical)
 
         paged_mask.__name__ = f"paged_{getattr(inner, '__name__', 'mask')}"
+        setattr(paged_mask, STATIC_MOD_DEPS, (inner,))
         self._wrappers[key] = (inner, batch_idx, paged_mask)
         return paged_mask
 
@@ -233,5 +234,6 @@ class PagedKVCache:
             return score_mod(score, b, h, q_idx, logical)
 
         paged_score.__name__ = f"paged_{getattr(score_mod, '__name__', 'score')}"
+        setattr(paged_score, STATIC_MOD_DEPS, (score_mod,))
         self._wrappers[key] = (score_mod, batch_idx, paged_score)
         return paged_score

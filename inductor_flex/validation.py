@@ -197,7 +197,7 @@ def validate_inputs(query, key, value, block_mask, scale, enable_gqa) -> None:
             raise ValueError(f"{n} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{n} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if any(s == 0 for s in t.shape):
+        if 0 in t.shape:
             raise ValueError(f"{n} has a zero-size dimension: shape {tuple(t.shape)}")
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(

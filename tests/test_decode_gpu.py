@@ -7,6 +7,7 @@ from inductor_flex import BlockMask, create_block_mask, flex_attention
 from inductor_flex import decode as D
 from inductor_flex.paged import PagedKVCache
 from inductor_flex.reference import math_attention
+from inductor_flex.validation import validate_kernel_options
 
 from cases import make_inputs, make_variant
 from conftest import assert_close_to_reference
@@ -148,7 +149,7 @@ def _two_queries_one_plan():
     return (q, q2), k, v, opts, want, [torch.cuda.Stream(), torch.cuda.Stream()]
 
 
-def test_two_streams_do_not_share_merge_counters():
+def test_two_streams_do_not_share_merge_counters_or_scratch():
     _need_cuda()
     (q, q2), k, v, opts, want, streams = _two_queries_one_plan()
     torch.cuda.synchronize()
@@ -161,6 +162,10 @@ def test_two_streams_do_not_share_merge_counters():
     for i in range(2):
         for o in outs[i]:
             assert torch.equal(o, want[i])
+    # the plan kept one merge scratch per stream it ran on (the default stream and the two side ones)
+    plan = D.get_plan(q, k, v, None, None, validate_kernel_options(opts))
+    assert sorted(s for s, _ in plan.parts) == sorted({torch.cuda.current_stream().cuda_stream,
+                                                       *(s.cuda_stream for s in streams)})
 
 
 @pytest.mark.parametrize("variant", ["noop", "causal", "alibi", "softcap", "document"])

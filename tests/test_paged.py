@@ -158,3 +158,32 @@ def test_paged_wrappers_are_reused_across_steps():
     renders, plans = D.stats["renders"], D.stats["plans"]
     flex_attention(q, pool.expand(2, -1, -1, -1), pool.expand(2, -1, -1, -1), block_mask=b, kernel_options=DECODE)
     assert (D.stats["renders"], D.stats["plans"]) == (renders, plans)
+
+
+def test_paged_wrappers_follow_the_wrapped_mods_changes():
+    # the plan key takes a paged wrapper as fixed and walks only the mod it wraps: rebinding a
+    # scalar the wrapped score_mod / mask_mod bakes into its kernel must still give a new kernel
+    cache = shuffled_cache(8, 32, [100, 60])
+    batch_idx = torch.arange(2)
+    k_pool, v_pool = torch.randn(1, 2, cache.capacity, 16), torch.randn(1, 2, cache.capacity, 16)
+    q = torch.randn(2, 2, 1, 16, dtype=torch.float32)
+    bias, window = 0.5, 40
+
+    def score(score, b, h, q_idx, kv_idx):
+        return score + bias * torch.sin(kv_idx * 0.3)
+
+    def mask(b, h, q_idx, kv_idx):
+        return kv_idx >= 100 - window
+
+    seen = []
+    for bias, window in ((0.5, 40), (-2.0, 40), (-2.0, 70)):  # noqa: B007 - the mods read the rebound names
+        logical = create_block_mask(mask, None, None, 1, 100, device="cpu", BLOCK_SIZE=32)
+        phys = cache.convert_logical_block_mask(logical, batch_idx)
+        out = flex_attention(q, k_pool.expand(2, -1, -1, -1), v_pool.expand(2, -1, -1, -1),
+                             score_mod=cache.get_score_mod(score, batch_idx), block_mask=phys, kernel_options=DECODE)
+        ref = flex_attention(q, k_pool.expand(2, -1, -1, -1), v_pool.expand(2, -1, -1, -1),
+                             score_mod=cache.get_score_mod(score, batch_idx), block_mask=phys,
+                             kernel_options={"BACKEND": "MATH"})
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        seen.append(out)
+    assert not torch.allclose(seen[0], seen[1]) and not torch.allclose(seen[1], seen[2])
