@@ -10,6 +10,12 @@
 For fwdbwd it also prints the host time of the forward call and of out.backward() apart: when the
 backward's host time (the launches of delta, dK/dV and dQ) exceeds the GPU time of the forward, the
 GPU waits between the two, which is what makes short eager steps host-bound.
+
+    python benchmarks/profile_host.py --case paged --cpu  # no GPU: CPU tensors, the Triton
+                                                          # interpreter, the launch itself stubbed
+
+--cpu (decode and paged) times everything an eager decode call does on the host except the launch,
+so host-side changes can be compared on a machine without a GPU.
 """
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ import os
 import pstats
 import sys
 import time
+
+if "--cpu" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors take the kernels
 
 import torch
 
@@ -32,8 +41,18 @@ def main():
     ap.add_argument("--case", choices=("decode", "paged", "forward", "fwdbwd"), default="decode")
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--cpu", action="store_true", help="decode / paged on CPU with the launch stubbed")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
+    opts = None
+    if args.cpu:
+        if args.case not in ("decode", "paged"):
+            ap.error("--cpu takes --case decode or paged")
+        import inductor_flex.decode as D
+
+        D.launch_kernel = lambda *a, **k: None  # the interpreter would run the kernel: time the host only
+        dev, dt, opts = "cpu", torch.float16, {"BACKEND": "TRITON"}  # AUTO takes the math path on CPU
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     bm = None
     if args.case == "decode":
         q = torch.randn(8, 32, 1, 128, dtype=dt, device=dev)
@@ -49,23 +68,23 @@ def main():
         v = torch.randn_like(k)
 
     def call():
-        return flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+        return flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts)
 
     for _ in range(20):
         call()
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for _ in range(args.calls):
         call()
     host = (time.perf_counter() - t) / args.calls * 1e6
-    torch.cuda.synchronize()
-    print(f"{args.case}: {host:.1f} us host per call (no profiler)")
+    sync()
+    print(f"{args.case}{' (cpu, launch stubbed)' if args.cpu else ''}: {host:.1f} us host per call (no profiler)")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.calls):
         call()
     prof.disable()
-    torch.cuda.synchronize()
+    sync()
     pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
 
 
