@@ -67,7 +67,7 @@ def _fingerprint(obj, depth: int = 0):
         const = _constant(obj)
         if const is not None:  # a list of constants by its contents: the print bakes them in
             return const
-    deps = getattr(obj, STATIC_MOD_DEPS, None)
+    deps = getattr(obj, STATIC_MOD_DEPS, None) if isinstance(obj, types.FunctionType) else None
     if deps is not None:
         # a wrapper whose closure and globals never change (paged.py's): itself, and what it wraps
         return ("static", obj, tuple(_fingerprint(d, depth + 1) for d in deps))
