@@ -9,7 +9,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from .block_mask import BlockMask, kernel_block_mask
-from .mods import check_arity
+from .mods import FlexModError, check_arity
 from .reference import math_attention
 from .validation import validate_inputs, validate_kernel_options
 
@@ -132,7 +132,6 @@ def _flex_attention_eager(query, key, value, score_mod, block_mask, scale, enabl
         out, lse, max_scores = math_attention(query, key, value, score_mod, block_mask, scale)
     else:
         from .kernel import kernel_attention
-        from .mods import FlexModError
 
         try:
             out, lse, max_scores = kernel_attention(query, key, value, score_mod, block_mask, scale, opts)

@@ -160,6 +160,9 @@ def noop_mask(b, h, q_idx, kv_idx):
     return q_idx.new_ones((), dtype=torch.bool)
 
 
+setattr(noop_mask, STATIC_MOD_DEPS, ())  # wraps nothing, reads only torch: no need to walk it
+
+
 def _identity_score(score, b, h, q_idx, kv_idx):
     return score
 
