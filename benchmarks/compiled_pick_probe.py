@@ -3,7 +3,7 @@
 times with Inductor's caches off (each compile autotunes afresh), print every choice's autotune
 time (max_autotune's AUTOTUNE table, on stderr) and time the compiled call that resulted.
 
-    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python benchmarks/compiled_pick_probe.py --case noop --repeats 3
+    python benchmarks/compiled_pick_probe.py --case noop --repeats 3
 """
 from __future__ import annotations
 

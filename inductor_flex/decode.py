@@ -69,7 +69,7 @@ def _fingerprint(obj, depth: int = 0):
             return const
     deps = getattr(obj, STATIC_MOD_DEPS, None) if isinstance(obj, types.FunctionType) else None
     if deps is not None:
-        # a wrapper whose closure and globals never change (paged.py's): itself, and what it wraps
+        # a mod marked fixed (paged.py's wrappers, noop_mask): itself, and the mods it wraps
         return ("static", obj, tuple(_fingerprint(d, depth + 1) for d in deps))
     if isinstance(obj, functools.partial):
         return ("partial", _fingerprint(obj.func, depth + 1),

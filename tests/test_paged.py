@@ -167,7 +167,6 @@ def test_paged_wrappers_follow_the_wrapped_mods_changes():
     batch_idx = torch.arange(2)
     k_pool, v_pool = torch.randn(1, 2, cache.capacity, 16), torch.randn(1, 2, cache.capacity, 16)
     q = torch.randn(2, 2, 1, 16, dtype=torch.float32)
-    bias, window = 0.5, 40
 
     def score(score, b, h, q_idx, kv_idx):
         return score + bias * torch.sin(kv_idx * 0.3)
