@@ -78,12 +78,13 @@ def traced_block_mask_facts(block_mask: Optional[BlockMask], opts: dict) -> dict
     """What the kernels may assume of a BlockMask's lists, as private kernel options a compiled graph
     holds as constants (Dynamo guards these attributes): its runs per side (block_mask.block_runs,
     read by create_block_mask; False where not known, as for a mask built while tracing), whether
-    each row's blocks are one run together (block_mask.union_run) and whether its full blocks came
+    each row's blocks are one run together, per side (block_mask.union_run) and whether its full blocks came
     from its mask_mod."""
     if block_mask is None or opts.get("KV_RUNS") is False:
         return {}
     return {"_KV_RUNS": block_mask._runs_kv is True, "_Q_RUNS": block_mask._runs_q is True,
-            "_KV_UNION": block_mask._union_kv is True, "_FULL_FROM_MASK_MOD": bool(block_mask.full_from_mask_mod)}
+            "_KV_UNION": block_mask._union_kv is True, "_Q_UNION": block_mask._union_q is True,
+            "_FULL_FROM_MASK_MOD": bool(block_mask.full_from_mask_mod)}
 
 
 def _check_return_options(return_lse, return_aux) -> None:

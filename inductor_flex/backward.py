@@ -17,7 +17,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from .kernel import (
-    _block_mask_args, fastest_config, load_module, plan_runs, template_hooks, triton_cdiv, use_separable,
+    _block_mask_args, fastest_config, load_module, plan_runs, plan_union_walk, template_hooks, triton_cdiv,
+    use_separable,
 )
 from .launch import launch as launch_kernel
 from .printer import PrintedMod, print_score_mod_backward
@@ -185,7 +186,8 @@ class BackwardCall:
             consts = memo[("dkdv", cfg, self.fused_dq)] = dict(
                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=Lq % q_step == 0,
                 EVEN_N=Lkv % cfg.BLOCK_N == 0, FUSED_DQ=self.fused_dq,
-                RUNS=not self.common["DENSE"] and plan_runs(self.plan, "q"), **self.common)
+                RUNS=not self.common["DENSE"] and plan_runs(self.plan, "q"),
+                UNION=not self.common["DENSE"] and plan_union_walk(self.plan, "q"), **self.common)
         return Launch("flex_bwd_dkdv", (triton_cdiv(Lkv, cfg.BLOCK_N), B * Hkv), args, consts,
                       cfg.num_warps, cfg.num_stages)
 
@@ -209,7 +211,8 @@ class BackwardCall:
                 GRAD_CAPS=grad_caps, FUSE_DELTA=not self.fused_dq, HAS_GRAD_LSE=has_glse,
                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=Lq % cfg.BLOCK_M == 0,
                 EVEN_N=Lkv % (cfg.BLOCK_N if self.common["DENSE"] else self.common["SPARSE_KV"]) == 0,
-                RUNS=not self.common["DENSE"] and plan_runs(self.plan, "kv"), **self.common)
+                RUNS=not self.common["DENSE"] and plan_runs(self.plan, "kv"),
+                UNION=not self.common["DENSE"] and plan_union_walk(self.plan, "kv"), **self.common)
         return Launch("flex_bwd_dq", (triton_cdiv(Lq, cfg.BLOCK_M), B * Hq), args, consts,
                       cfg.num_warps, cfg.num_stages)
 

@@ -63,6 +63,7 @@ class BlockMask:
     _runs_kv: Optional[bool] = None
     _runs_q: Optional[bool] = None
     _union_kv: Optional[bool] = None
+    _union_q: Optional[bool] = None
     # False: built with separate_full_blocks=False, every block partial, mask_mod on all of them
     # (the kernels' 64 x 64 refinement is then left off unless REFINE_BLOCK_MASK asks for it)
     separate_full_blocks: bool = True
@@ -227,7 +228,8 @@ class BlockMask:
         )
         out.refined = self.refined.to(device) if self.refined is not None else None
         self._carry_facts(out)
-        out._runs_kv, out._runs_q, out._union_kv = self._runs_kv, self._runs_q, self._union_kv
+        out._runs_kv, out._runs_q, out._union_kv, out._union_q = (self._runs_kv, self._runs_q, self._union_kv,
+                                                                  self._union_q)
         return out
 
     def __getitem__(self, index) -> "BlockMask":
@@ -402,7 +404,7 @@ def create_block_mask(
         # these as constants) need none
         for mask in (bm, bm.refined):
             if mask is not None:
-                block_runs(mask, "kv"), block_runs(mask, "q"), union_run(mask)
+                block_runs(mask, "kv"), block_runs(mask, "q"), union_run(mask, "kv"), union_run(mask, "q")
     return bm
 
 
@@ -595,15 +597,20 @@ def block_runs(block_mask: BlockMask, side: str = "kv") -> bool:
     return hit
 
 
-def union_run(block_mask: BlockMask) -> bool:
+def union_run(block_mask: BlockMask, side: str = "kv") -> bool:
     """Whether every query block's partial and full kv blocks together are one run of blocks, each
-    list ascending (a sliding window: partial blocks at both ends of its full ones; also causal and
-    prefix-LM). A kernel that may evaluate mask_mod on full blocks (full_from_mask_mod) then walks
-    the row from its first block. One device read per BlockMask, kept on it."""
-    hit = block_mask._union_kv
+    list ascending (side "kv"; side "q": every kv block's query blocks). A sliding window: partial
+    blocks at both ends of its full ones; packed causal documents alike; also causal and prefix-LM.
+    A kernel that may evaluate mask_mod on full blocks (full_from_mask_mod) then walks the row in
+    one loop from its first block. One device read per BlockMask and side, kept on it."""
+    hit = getattr(block_mask, "_union_" + side)
     if hit is None:
-        num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
-        fnum, fidx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
+        if side == "q":
+            num, idx = block_mask.q_num_blocks, block_mask.q_indices
+            fnum, fidx = block_mask.full_q_num_blocks, block_mask.full_q_indices
+        else:
+            num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+            fnum, fidx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
         ok = _ascending(num, idx)
         first, last, count = _ends(num, idx)
         if fnum is not None:
@@ -611,7 +618,8 @@ def union_run(block_mask: BlockMask) -> bool:
             f_first, f_last, f_count = _ends(fnum, fidx)
             first, last, count = torch.minimum(first, f_first), torch.maximum(last, f_last), count + f_count
         ok = ok & ((count == 0) | (last - first + 1 == count)).all()
-        hit = block_mask._union_kv = bool(ok.item())
+        hit = bool(ok.item())
+        setattr(block_mask, "_union_" + side, hit)
     return hit
 
 

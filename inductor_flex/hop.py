@@ -68,7 +68,7 @@ def _as_block_mask(bm: tuple, mask_mod_buffers: tuple, opts: Optional[dict] = No
     # what tracing knew of the lists (attention.traced_block_mask_facts): no device read per call
     opts = opts or {}
     out._runs_kv, out._runs_q = bool(opts.get("_KV_RUNS")), bool(opts.get("_Q_RUNS"))
-    out._union_kv = bool(opts.get("_KV_UNION"))
+    out._union_kv, out._union_q = bool(opts.get("_KV_UNION")), bool(opts.get("_Q_UNION"))
     out.full_from_mask_mod = bool(opts.get("_FULL_FROM_MASK_MOD"))
     return out
 

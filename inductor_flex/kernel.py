@@ -573,10 +573,12 @@ def forward_launch(plan: ForwardPlan, query, key, value, out, lse, mx, cfg: Conf
           and all(tma_eligible(t) and rows_layout(t) for t in (query, key, value)))
     if ws:
         compat.ensure_triton_allocator()
-    # the specialized loop runs mask_mod on every tile (no branch on the tile there): where it holds
-    # on the full blocks anyway (block_mask.full_from_mask_mod) and the row's partial and full
-    # blocks are one run together, it walks that run (a sliding window too); else the two runs
-    mask_on_full = ws and not dense and full_blocks_from_mask_mod(plan) and plan_union(plan)
+    # where mask_mod holds on the full blocks anyway (block_mask.full_from_mask_mod) and each row's
+    # partial and full blocks are one run together, one loop walks that run: the specialized loop
+    # with mask_mod on every tile (no branch on the tile there; a sliding window too), the plain one
+    # where the lists are not runs each (documents: one loop instead of two short ones)
+    mask_on_full = not dense and (plan_union_walk(plan) or (ws and full_blocks_from_mask_mod(plan)
+                                                             and plan_union(plan)))
     args = (
         query, key, value, out, lse, mx, kv_num, kv_idx, full_num, full_idx,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
@@ -653,10 +655,18 @@ def full_blocks_from_mask_mod(plan: ForwardPlan) -> bool:
     return plan.user_block_mask is not None and plan.block_mask.full_from_mask_mod
 
 
-def plan_union(plan: ForwardPlan) -> bool:
-    """Whether the plan's BlockMask rows are one run of partial and full blocks together
-    (block_mask.union_run); kernel_options KV_RUNS=False: never."""
-    return _run_fact(plan, "_union", union_run)
+def plan_union(plan: ForwardPlan, side: str = "kv") -> bool:
+    """Whether the plan's BlockMask rows of this side are one run of partial and full blocks
+    together (block_mask.union_run); kernel_options KV_RUNS=False: never."""
+    return _run_fact(plan, "_union_" + side, lambda bm: union_run(bm, side))
+
+
+def plan_union_walk(plan: ForwardPlan, side: str = "kv") -> bool:
+    """Whether the plain kernels walk this side's rows in one loop over the union of partial and
+    full blocks (the templates' UNION, and the forward's MASK_ON_FULL without warp
+    specialization): where the lists are not runs each (plan_runs takes those), are one run
+    together, and full blocks came from mask_mod (packed documents, sliding windows)."""
+    return (not plan_runs(plan, side) and full_blocks_from_mask_mod(plan) and plan_union(plan, side))
 
 
 def plan_runs(plan: ForwardPlan, side: str = "kv") -> bool:

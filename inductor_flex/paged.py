@@ -179,7 +179,7 @@ class PagedKVCache:
                         q_num, q_idx, fq_num, fq_idx, (q_bs, kv_bs), mask_mod)
         # made anew every step: its lists are walked as lists, with no device read to learn
         # whether pages happen to lie in runs (block_mask.block_runs)
-        out._runs_kv = out._runs_q = out._union_kv = False
+        out._runs_kv = out._runs_q = out._union_kv = out._union_q = False
         return out
 
     def _to_logical(self, batch_idx: Optional[torch.Tensor]) -> Callable:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -130,6 +131,8 @@ class Value:
     # (BLOCK_M, BLOCK_N) int->float conversion (a quarter-rate instruction) is never needed;
     # exact while the integers stay below 2**24
     fcode: Optional[str] = None
+    # the captured tensor this value was loaded from, as is (a mask_mod's gather source)
+    loaded_from: Optional[int] = None
 
 
 @dataclass
@@ -174,6 +177,10 @@ class PrintedMod:
     linear_grad: bool = False
     # score_mod only: the source also has score_mod_parts / score_mod_row (_SeparablePrinter)
     separable: bool = False
+    # mask_mod only: captured tensors whose values index other captured tensors, ascending; each
+    # has a trailing parameter {prefix}{i}_nonneg (index_flag_params), 1 where the tensor holds no
+    # negative value, so the kernel skips PyTorch's negative-index wrap of its values
+    index_sources: List[int] = field(default_factory=list)
 
     def args_for(self, tensors: List[torch.Tensor]) -> list:
         out: list = []
@@ -181,7 +188,47 @@ class PrintedMod:
             out.append(t)
             out.extend(t.shape)
             out.extend(t.stride())
+        for i in self.index_sources:
+            out.append(nonneg_flag(tensors[i]))
         return out
+
+
+# id(tensor) -> (weak ref, (version, data_ptr), holds no negative value): one device read per
+# in-place version; an entry leaves with its tensor
+_NONNEG: Dict[int, tuple] = {}
+
+
+def nonneg_flag(t: torch.Tensor) -> int:
+    """1 if the captured tensor holds no negative value, else 0. Integer arguments equal to 1 are
+    constants to Triton, so with 1 the kernel's negative-index wrap of the tensor's values folds
+    away (a select per gathered value: 6-12% of the eager document kernels' time on the H200,
+    benchmarks/mask_print_probe.py); with 0 the wrap runs. Read once per in-place version of the
+    tensor (a device read); where it cannot be read (a CUDA graph capture, tracing), 0."""
+    if not t.is_floating_point() and t.dtype != torch.bool and not t.dtype.is_signed:
+        return 1  # unsigned
+    key = (t._version, t.data_ptr())
+    hit = _NONNEG.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == key:
+        return hit[2]
+    try:
+        if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return 0
+        ok = int(t.numel() == 0 or bool((t >= 0).all()))
+    except Exception:  # noqa: BLE001 - a fake or meta tensor while tracing: keep the wrap
+        return 0
+    i = id(t)
+    _NONNEG[i] = (weakref.ref(t, lambda _, i=i: _NONNEG.pop(i, None)), key, ok)
+    return ok
+
+
+def index_flag_params(prefix: str, sources: List[int]) -> List[str]:
+    return [f"{prefix}{i}_nonneg" for i in sources]
+
+
+def mask_index_sources(source: str) -> List[int]:
+    """A rendered kernel's mask_mod index flags (PrintedMod.index_sources), for a plan built from
+    the source alone (the compiled ops of lowering/kernel_op.py and lowering/decode.py)."""
+    return sorted({int(i) for i in re.findall(r"\bMM_CAP(\d+)_nonneg\b", source)})
 
 
 def _lit(v) -> Value:
@@ -259,6 +306,7 @@ class _Printer:
         self.params: List[str] = []
         self.counter = 0
         self.used_fast_tanh = False
+        self.index_sources: List[int] = []  # mask_mod: see PrintedMod.index_sources
 
     # -- helpers ------------------------------------------------------------------------------
     def fail(self, what: str) -> FlexModError:
@@ -319,7 +367,9 @@ class _Printer:
             raise self.fail("using a captured tensor that is not indexed down to a single element")
         p = self.params_of(view.arg)
         mask = f", mask={view.mask}, other=0" if view.mask else ""
-        return self.emit(f"tl.load({p[0]} + {view.offset}{mask})", view.dtype, view.axes)
+        v = self.emit(f"tl.load({p[0]} + {view.offset}{mask})", view.dtype, view.axes)
+        v.loaded_from = view.arg
+        return v
 
     def params_of(self, arg: int) -> List[str]:
         t = self.tensors[arg]
@@ -362,8 +412,15 @@ class _Printer:
                 offset = f"{offset} + {iv.code} * {stride}"
                 axes |= iv.axes
                 continue
-            # PyTorch wraps negative indices once; anything still outside [0, size) is masked off
-            wrapped = f"tl.where({iv.code} < 0, {iv.code} + {size}, {iv.code})"
+            # PyTorch wraps negative indices once; anything still outside [0, size) is masked off.
+            # A mask_mod's index read from a captured tensor wraps only where that tensor's flag
+            # (PrintedMod.index_sources) says it may hold a negative value
+            neg = f"{iv.code} < 0"
+            if self.kind == "mask_mod" and iv.loaded_from is not None:
+                if iv.loaded_from not in self.index_sources:
+                    self.index_sources.append(iv.loaded_from)
+                neg = f"({neg}) & ({self.prefix}{iv.loaded_from}_nonneg == 0)"
+            wrapped = f"tl.where({neg}, {iv.code} + {size}, {iv.code})"
             if not iv.axes:
                 # a (1, 1) tile, not a scalar: Triton's interpreter rejects scalar & tile load masks
                 wrapped = f"tl.full([1, 1], 0, tl.int32) + {wrapped}"
@@ -838,7 +895,9 @@ def print_mod(fn: Callable, kind: str, device, fast_tanh: bool = False) -> Print
     p = _Printer(gm, kind, fn, prefix, fast_tanh)
     names = ("score", "b", "h", "q_idx", "kv_idx") if kind == "score_mod" else ("b", "h", "q_idx", "kv_idx")
     body = p.run(names)
-    params = ", ".join(list(names) + p.params)
+    sources = sorted(p.index_sources)
+    flags = index_flag_params(p.prefix, sources)
+    params = ", ".join(list(names) + p.params + flags)
     source = f"@triton.jit\ndef {kind}({params}):\n    # {mod_name(fn)}\n{body}\n"
     separable = False
     if kind == "score_mod":
@@ -852,7 +911,8 @@ def print_mod(fn: Callable, kind: str, device, fast_tanh: bool = False) -> Print
                 f"{kind} '{mod_name(fn)}' captures a tensor on {t.device} but the inputs are on {device}; "
                 f"move the captured tensor to {device}"
             )
-    return PrintedMod(kind, source, p.tensors, p.params, p.used_fast_tanh, separable=separable)
+    return PrintedMod(kind, source, p.tensors, p.params + flags, p.used_fast_tanh, separable=separable,
+                      index_sources=sources)
 
 
 def _print_scaled(gm, fn: Callable, fast_tanh: bool, params: List[str]) -> str:

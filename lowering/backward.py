@@ -246,8 +246,9 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
             HAS_GRAD_LSE=grad_lse is not None,
             EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M),
             EVEN_N=compat.known_multiple_of(Lkv, cfg.BLOCK_N if dense else sparse[1]), **common,
-            # a query block's kv blocks are runs (known when traced: attention.traced_block_mask_facts)
-            RUNS=not dense and bool(opts.get("_KV_RUNS")),
+            # a query block's kv blocks are runs (known when traced: attention.traced_block_mask_facts),
+            # or one run together, walked in one loop (kernel.plan_union_walk)
+            RUNS=not dense and bool(opts.get("_KV_RUNS")), UNION=_union_walk(dense, opts, "KV"),
         ) or error
     if not choices:
         raise RuntimeError(f"inductor_flex: no dQ template config could be generated: {error}")
@@ -270,9 +271,17 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, fw_graph, jo
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, FUSED_DQ=False,
             EVEN_M=compat.known_multiple_of(Lq, cfg.BLOCK_M if dense else sparse[0]),
             EVEN_N=compat.known_multiple_of(Lkv, cfg.BLOCK_N), **common,
-            RUNS=not dense and bool(opts.get("_Q_RUNS")),  # a kv block's query blocks are runs
+            # a kv block's query blocks are runs, or one run together
+            RUNS=not dense and bool(opts.get("_Q_RUNS")), UNION=_union_walk(dense, opts, "Q"),
         ) or error
     if not choices:
         raise RuntimeError(f"inductor_flex: no dK/dV template config could be generated: {error}")
     dk = compat.select_template("inductor_flex_backward_dkdv", choices, inputs + extra, layout, gen)
     return dq, dk, dv, tuple(None for _ in score_bufs)  # (takes: no captured-tensor gradient is used)
+
+
+def _union_walk(dense: bool, opts: dict, side: str) -> bool:
+    """The traced form of kernel.plan_union_walk: this side's lists are no runs each, but one run
+    together, with full blocks from mask_mod."""
+    return (not dense and not opts.get(f"_{side}_RUNS") and bool(opts.get(f"_{side}_UNION"))
+            and bool(opts.get("_FULL_FROM_MASK_MOD")))

@@ -43,7 +43,7 @@ def flex_decode(
     from inductor_flex import decode as D
     from inductor_flex.block_mask import BlockMask
     from inductor_flex.kernel import _default_block_mask
-    from inductor_flex.printer import PrintedMod
+    from inductor_flex.printer import PrintedMod, mask_index_sources
 
     dense = kv_num_blocks is None
     mask_heads = 1 if dense else kv_num_blocks.shape[1]
@@ -52,7 +52,8 @@ def flex_decode(
     plan = _plans.get(k)
     if plan is None:
         opts = {name: v for name, v in zip(_TUNING_KEYS, tuning) if v}
-        plan = D.DecodePlan(query, key, value, PrintedMod("score_mod", ""), PrintedMod("mask_mod", ""),
+        mask = PrintedMod("mask_mod", "", index_sources=mask_index_sources(source))
+        plan = D.DecodePlan(query, key, value, PrintedMod("score_mod", ""), mask,
                             has_score_mod, tuple(block_size), mask_heads, opts, dense=dense, source=source)
         if len(_plans) > 256:
             _plans.clear()

@@ -73,7 +73,7 @@ def _plan_shell(query, key, value, bm_tensors, score_tensors, mask_tensors, sour
     were printed at trace time; their source is an argument)."""
     from inductor_flex import kernel as K
     from inductor_flex.block_mask import BlockMask
-    from inductor_flex.printer import PrintedMod
+    from inductor_flex.printer import PrintedMod, mask_index_sources
 
     Lq, Lkv = query.shape[2], key.shape[2]
     plan = K.ForwardPlan.__new__(K.ForwardPlan)
@@ -86,9 +86,10 @@ def _plan_shell(query, key, value, bm_tensors, score_tensors, mask_tensors, sour
         full = list(bm_tensors) + [None] * (8 - len(bm_tensors))
         plan.block_mask = BlockMask((Lq, Lkv), *full, tuple(block_size), None)
         # nothing known of its lists here, and no device read per call to learn it: index walks
-        plan.block_mask._runs_kv = plan.block_mask._runs_q = plan.block_mask._union_kv = False
+        bm = plan.block_mask
+        bm._runs_kv = bm._runs_q = bm._union_kv = bm._union_q = False
     plan.score = PrintedMod("score_mod", "", list(score_tensors), separable="def score_mod_parts(" in source)
-    plan.mask = PrintedMod("mask_mod", "", list(mask_tensors))
+    plan.mask = PrintedMod("mask_mod", "", list(mask_tensors), index_sources=mask_index_sources(source))
     plan.has_score_mod = has_score_mod
     plan.source = source
     plan.scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])

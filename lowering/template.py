@@ -454,7 +454,8 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     pinned = [k for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in opts]
     # the BlockMask's lists are runs (known when traced: attention.traced_block_mask_facts)
     runs = not dense and bool(opts.get("_KV_RUNS"))
-    # ... or, with full blocks from the mask_mod, one run together (what the specialized loop walks)
+    # ... or, with full blocks from the mask_mod, one run together (what the specialized loop walks,
+    # and the plain one where the lists are not runs each)
     union = not dense and bool(opts.get("_KV_UNION")) and bool(opts.get("_FULL_FROM_MASK_MOD"))
     ws_ok = ws_applies(query, key, value, dense, score_bufs, dtype, runs or union, mask_bufs, sparse)
     if not pinned and (ws_ok or "WARP_SPECIALIZE" in opts):
@@ -498,7 +499,9 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
             DOT_PRECISION='"ieee"' if dtype == torch.float32 else '"tf32"', DENSE=dense, HAS_FULL=has_full,
             # (Triton 3.6 does not build the separable form in the specialized loop: kernel.forward_launch)
             SPLIT_P=False, USE_TMA=ws, WARP_SPECIALIZE=ws, SEPARABLE=bool(parts) and not ws,
-            RUNS=runs or (ws and union), MASK_ON_FULL=ws and union,
+            # one loop over the union run: the specialized one, or the plain one where the lists
+            # are not runs each (kernel.forward_launch)
+            RUNS=runs or union, MASK_ON_FULL=union and (ws or not runs),
         ) or error
     if not choices:
         raise RuntimeError(f"inductor_flex: no forward template config could be generated: {error}")

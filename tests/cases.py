@@ -159,3 +159,30 @@ def packed_documents(L, cuts):
     def document_causal(b, h, q_idx, kv_idx):
         return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
     return ids, document_causal
+
+
+# BlockMasks whose rows the kernels walk in one loop (test_block_mask_runs_walk*): the first three
+# list partial and full blocks as one run each (RUNS), the rest only as one run together (UNION)
+RUN_WALK_VARIANTS = ["causal", "prefix_lm", "causal_offset_rows", "wide_window", "document",
+                     "full_blocks_around_a_partial_one"]
+
+
+def run_walk_mask_mod(name, L):
+    """mask_mod of a RUN_WALK_VARIANTS entry, for lengths up to L, on 32-blocks."""
+    if name == "causal":
+        return generate_causal_mask()
+    if name == "prefix_lm":
+        return generate_prefix_lm_mask(45)
+    if name == "causal_offset_rows":  # rows before 60 see nothing (lse -inf), the rest a shifted causal band
+        return lambda b, h, qi, ki: qi - 60 >= ki
+    if name == "wide_window":  # over two 32-blocks: partial blocks at both ends of the full ones
+        return generate_sliding_window(70)
+    if name == "document":
+        # causal documents of 40, 160 and the rest rows, none aligned to the 32-blocks: rows of the
+        # second see a partial block, full ones and the partial diagonal block
+        ids = torch.bucketize(torch.arange(L), torch.tensor([40, 200]), right=True)
+        return generate_doc_mask_mod(generate_causal_mask(), ids)
+    if name == "full_blocks_around_a_partial_one":
+        # keys 70-79 hidden from even rows: block 2 is partial between full ones in every row
+        return lambda b, h, qi, ki: ~((ki >= 70) & (ki < 80) & (qi % 2 == 0))
+    raise KeyError(name)

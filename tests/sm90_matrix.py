@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from cases import SHAPES, VARIANTS, make_inputs, make_variant  # noqa: E402
+from cases import SHAPES, VARIANTS, make_inputs, make_variant, run_walk_mask_mod  # noqa: E402
 from inductor_flex import kernel as K  # noqa: E402
 from inductor_flex import aot  # noqa: E402
 from inductor_flex.lowering.configs import Config, backward_configs, forward_configs  # noqa: E402
@@ -42,15 +42,21 @@ def specializations():
     # the warp-specialized loop over a BlockMask of 128-blocks whose kv blocks are runs (RUNS)
     for variant in ("causal", "prefix_lm", "sliding_window", "softcap"):
         yield variant, "odd37_E40", torch.bfloat16, "gpu-ws128"
+    # one loop over each row's partial and full blocks together (the plain loop's MASK_ON_FULL)
+    for variant in UNION_VARIANTS:
+        yield variant, UNION_SHAPE_NAME, torch.bfloat16, "gpu-union"
 
 
 def compile_one(job):
     variant, shape_name, dtype, which = job
     torch.manual_seed(0)
-    shape = SHAPES[shape_name]
+    shape = SHAPES.get(shape_name, UNION_SHAPE)
     B, Hq, Hkv, Lq, Lkv, E, Ev = shape
     q, k, v = make_inputs(shape, dtype, "cpu")
-    score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu", block=128 if which == "gpu-ws128" else 32)
+    if which == "gpu-union":
+        score_mod, block_mask = None, union_block_mask(variant, Lq, Lkv)
+    else:
+        score_mod, block_mask = make_variant(variant, Lq, Lkv, Hq, "cpu", block=128 if which == "gpu-ws128" else 32)
     if which == "gpu-ws128" and block_mask is None:  # a score_mod variant: under a causal mask
         block_mask = make_variant("causal", Lq, Lkv, Hq, "cpu", block=128)[1]
     # 16-bit inputs default to the hardware tanh; the other labels pin the exact formula
@@ -78,10 +84,24 @@ def compile_one(job):
     ws = ws and K.ws_applies(plan)
     assert consts["USE_TMA"] == (opts["USE_TMA"] or ws) and consts["WARP_SPECIALIZE"] == ws
     assert not which.endswith("ws128") or (ws and consts["RUNS"] and consts["MASK_ON_FULL"])
+    assert which != "gpu-union" or (not ws and consts["RUNS"] and consts["MASK_ON_FULL"])
     module = K.load_module(plan.source, False)
     t = time.time()
     ok, msg = compile_launches(module, [("flex_fwd_kernel", args, consts, cfg.num_warps, cfg.num_stages)])
     return ok, f"{variant}-{shape_name}-{str(dtype)[6:]}-{which} {cfg} {time.time() - t:.1f}s {msg}"
+
+
+# BlockMasks of 64-blocks whose rows are one run of partial and full blocks together, not one run
+# per list (cases.RUN_WALK_VARIANTS): the kv side of both, the q side of the documents
+UNION_VARIANTS = ["document", "full_blocks_around_a_partial_one"]
+UNION_SHAPE_NAME, UNION_SHAPE = "union460_E64", (1, 4, 2, 460, 460, 64, 64)
+
+
+def union_block_mask(variant, Lq, Lkv):
+    from inductor_flex import create_block_mask
+
+    return create_block_mask(run_walk_mask_mod(variant, max(Lq, Lkv)), None, None, Lq, Lkv, device="cpu",
+                             BLOCK_SIZE=64)
 
 
 def compile_launches(module, launches):
@@ -109,6 +129,8 @@ def backward_specializations():
     yield "backward", "noop", "odd37_E40", torch.float32, "gpu"
     for variant in ("noop", "causal", "softcap"):  # kernel_options FUSED_DQ: dQ atomics in the dK/dV kernel
         yield "backward", variant, "E128_Lq33_Lkv65", torch.bfloat16, "gpu_fused_dq"
+    for variant in UNION_VARIANTS:  # dQ and dK/dV in one loop over each row's blocks (UNION)
+        yield "backward", variant, UNION_SHAPE_NAME, torch.bfloat16, "gpu-union"
 
 
 def compile_backward(job):
@@ -117,10 +139,12 @@ def compile_backward(job):
 
     _, variant, shape_name, dtype, which = job
     torch.manual_seed(0)
-    B, Hq, Hkv, Lq, Lkv, E, Ev = SHAPES[shape_name]
-    q, k, v = make_inputs(SHAPES[shape_name], dtype, "cpu")
+    B, Hq, Hkv, Lq, Lkv, E, Ev = SHAPES.get(shape_name, UNION_SHAPE)
+    q, k, v = make_inputs((B, Hq, Hkv, Lq, Lkv, E, Ev), dtype, "cpu")
     caps = []
-    if variant in LEARNABLE:
+    if which == "gpu-union":
+        score_mod, block_mask = None, union_block_mask(variant, Lq, Lkv)
+    elif variant in LEARNABLE:
         factory, make = LEARNABLE[variant]
         caps = [c.requires_grad_() for c in make(Hq)]
         score_mod, block_mask = factory(*caps), None
@@ -139,6 +163,8 @@ def compile_backward(job):
     dkdv_cfg = backward_configs("dkdv", E, Ev, dtype, bs, interpret=(which == "interp"))[0]
     dq_cfg = backward_configs("dq", E, Ev, dtype, bs, interpret=(which == "interp"))[0]
     launches = [call.preprocess(), call.dkdv(dkdv_cfg)] + ([] if fused else [call.dq_launch(dq_cfg, any(grad_caps))])
+    if which == "gpu-union":
+        assert launches[2].constexprs["UNION"] and launches[1].constexprs["UNION"] == (variant == "document")
     t = time.time()
     ok, msg = compile_launches(K.load_module(bplan.source, False),
                                [(x.kernel, x.args, x.constexprs, x.num_warps, x.num_stages) for x in launches])

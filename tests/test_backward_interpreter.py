@@ -7,7 +7,8 @@ from inductor_flex import flex_attention
 from inductor_flex.reference import math_attention
 
 from cases import (
-    LEARNABLE, LEARNABLE_LEN as L, SHAPES, VARIANTS, make_inputs, make_variant, packed_documents, two_reads_repeated,
+    LEARNABLE, LEARNABLE_LEN as L, RUN_WALK_VARIANTS, SHAPES, VARIANTS, make_inputs, make_variant, packed_documents,
+    run_walk_mask_mod, two_reads_repeated,
 )
 from conftest import assert_close_to_reference
 
@@ -290,27 +291,33 @@ def test_backward_plan_is_built_once_per_forward_plan(monkeypatch):
 
 @pytest.mark.parametrize("kv_runs", [True, False], ids=["runs", "index_lists"])
 @pytest.mark.parametrize("lengths", [(150, 230), (230, 150)], ids=["Lq150_Lkv230", "Lq230_Lkv150"])
-@pytest.mark.parametrize("variant", ["causal", "prefix_lm", "causal_offset_rows", "wide_window"])
+@pytest.mark.parametrize("variant", RUN_WALK_VARIANTS)
 def test_block_mask_runs_walk_backward(variant, lengths, kv_runs):
     """dK/dV walk a kv block's query blocks, dQ a query block's kv blocks, from the runs' first blocks
-    when each list is one run (template RUNS, per side); KV_RUNS=False walks the index lists. Both
-    against the float64 reference, and the kernels took the path they should."""
+    when each list is one run (template RUNS, per side), or in one loop over both lists where they
+    are one run together (UNION: a wide window, documents; mask_mod on the tiles outside the row's
+    full run, on every tile where the full blocks are no run); KV_RUNS=False walks the index lists.
+    All against the float64 reference, and the kernels took the path they should."""
     from inductor_flex import create_block_mask
     from inductor_flex import kernel as K
-    from inductor_flex import variants as V
-    from inductor_flex.block_mask import block_runs
+    from inductor_flex.block_mask import block_runs, union_run
     from inductor_flex.validation import validate_kernel_options
 
     Lq, Lkv = lengths
     shape = (1, 4, 2, Lq, Lkv, 40, 24)
-    mods = {"causal": V.generate_causal_mask(), "prefix_lm": V.generate_prefix_lm_mask(45),
-            "causal_offset_rows": lambda b, h, qi, ki: qi - 60 >= ki,  # rows before 60 see nothing
-            "wide_window": V.generate_sliding_window(70)}
-    block_mask = create_block_mask(mods[variant], None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=32)
+    mask_mod = run_walk_mask_mod(variant, max(Lq, Lkv))
+    block_mask = create_block_mask(mask_mod, None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=32)
     opts = {**TRITON, "KV_RUNS": kv_runs}
     check_backward(shape, torch.float16, None, block_mask, kernel_options=opts)
     plan = K.cached_plan(*make_inputs(shape, torch.float16, "cpu"), None, block_mask, None,
                          validate_kernel_options(dict(opts)))
     for side in ("q", "kv"):
         assert K.plan_runs(plan, side) == (kv_runs and block_runs(block_mask, side))
-    assert block_runs(block_mask, "kv") == block_runs(block_mask, "q") == (variant != "wide_window")
+        assert union_run(block_mask, side)
+        assert K.plan_union_walk(plan, side) == (kv_runs and not block_runs(block_mask, side))
+    if RUN_WALK_VARIANTS.index(variant) < 3:  # one run per list on both sides
+        assert block_runs(block_mask, "kv") and block_runs(block_mask, "q")
+    else:  # the union walk on the kv side (dQ), and on the q side (dK/dV) but where a kv block's
+        # query blocks are all partial (keys 70-79) or all in one document's diagonal (Lq < 200)
+        q_runs = variant == "full_blocks_around_a_partial_one" or (variant == "document" and Lq < 200)
+        assert not block_runs(block_mask, "kv") and block_runs(block_mask, "q") == q_runs

@@ -5,7 +5,7 @@ import torch
 from inductor_flex import flex_attention
 from inductor_flex.reference import math_attention
 
-from cases import SHAPES, VARIANTS, make_inputs, make_variant, packed_documents
+from cases import RUN_WALK_VARIANTS, SHAPES, VARIANTS, make_inputs, make_variant, packed_documents, run_walk_mask_mod
 from conftest import assert_close_to_reference
 
 TRITON = {"BACKEND": "TRITON"}
@@ -81,6 +81,47 @@ def test_captured_tensor_several_reads_and_negative_index():
     out = flex_attention(q, k, v, score_mod=two_reads, kernel_options=TRITON)
     ref, _, _ = math_attention(q.double(), k.double(), v.double(), two_reads)
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_mask_index_read_from_a_captured_tensor_wraps_only_when_it_may_be_negative():
+    """A mask_mod that indexes a captured tensor with values read from another one (a document
+    mask's offsets[ids[q]]) skips PyTorch's negative-index wrap when the index tensor holds no
+    negative value (printer.nonneg_flag, read once per in-place version). Negative ids written in
+    place later wrap again; an unsigned index tensor never needs the read. All against the math
+    reference, which indexes as PyTorch does."""
+    from inductor_flex import create_block_mask
+    from inductor_flex import kernel as K
+    from inductor_flex.printer import nonneg_flag
+
+    L = 48
+    ids = torch.div(torch.arange(L), 20, rounding_mode="floor")  # documents of 20, 20, 8 rows
+    starts = torch.tensor([0, 20, 40])
+
+    def doc_from_table(b, h, q_idx, kv_idx):
+        # causal, from the start of the query's document on (starts[ids[q]])
+        return (kv_idx <= q_idx) & (kv_idx >= starts[ids[q_idx]])
+
+    q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float16, "cpu")
+
+    def check(expect_flag):
+        bm = create_block_mask(doc_from_table, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+        out, lse = flex_attention(q, k, v, block_mask=bm, return_lse=True, kernel_options=TRITON)
+        ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), None, bm)
+        low_out, low_lse, _ = math_attention(q, k, v, None, bm)
+        assert_close_to_reference(out, ref_out, low_out, torch.float16, "out")
+        assert_close_to_reference(lse, ref_lse, low_lse, torch.float16, "lse")
+        plan = K.cached_plan(q, k, v, None, bm, None, dict(TRITON))
+        assert "MM_CAP0_nonneg" in plan.source and plan.mask.index_sources == [0]
+        assert plan.mask.args_for(plan.mask.tensors)[-1] == nonneg_flag(ids) == expect_flag
+
+    check(1)
+    # the last document's id written as -1 in place: starts[-1] is its start (40) as in PyTorch
+    ids[40:] = -1
+    check(0)
+    ids[40:] = 2
+    check(1)
+    assert nonneg_flag(torch.tensor([-1], dtype=torch.uint8)) == 1  # unsigned: no device read
+    assert nonneg_flag(torch.tensor([0, -3])) == 0
 
 
 def test_return_aux_max_scores():
@@ -476,28 +517,32 @@ def test_fastest_config_times_the_best_two_again(monkeypatch):
 
 @pytest.mark.parametrize("kv_runs", [True, False], ids=["runs", "index_lists"])
 @pytest.mark.parametrize("lengths", [(150, 230), (230, 150)], ids=["Lq150_Lkv230", "Lq230_Lkv150"])
-@pytest.mark.parametrize("variant", ["causal", "prefix_lm", "causal_offset_rows", "wide_window"])
+@pytest.mark.parametrize("variant", RUN_WALK_VARIANTS)
 def test_block_mask_runs_walk(variant, lengths, kv_runs):
     """A BlockMask whose partial and full kv blocks are one run each is walked from the runs' first
-    blocks in one loop, full run first (template RUNS); kernel_options KV_RUNS=False walks the
-    index lists. Both against the float64 reference; the kernel took the path it should."""
+    blocks in one loop, full run first (template RUNS). Where only the two lists together are one
+    run (a wide window, documents: partial blocks at both ends of the full ones) the loop walks that
+    run from its first block with mask_mod on the tiles outside the row's full run (MASK_ON_FULL),
+    or on every tile where a row's full blocks are no run (a partial block between full ones).
+    kernel_options KV_RUNS=False walks the index lists. All against the float64 reference; the
+    kernel took the path it should."""
     from inductor_flex import create_block_mask
     from inductor_flex import kernel as K
-    from inductor_flex import variants as V
     from inductor_flex.validation import validate_kernel_options
 
     Lq, Lkv = lengths
     q, k, v = make_inputs((1, 4, 2, Lq, Lkv, 40, 24), torch.float16, "cpu")
-    mods = {"causal": V.generate_causal_mask(), "prefix_lm": V.generate_prefix_lm_mask(45),
-            # rows before 60 see nothing (lse -inf), the rest a causal band shifted by 60
-            "causal_offset_rows": lambda b, h, qi, ki: qi - 60 >= ki,
-            "wide_window": V.generate_sliding_window(70)}  # over two 32-blocks: partial blocks at both ends
-    block_mask = create_block_mask(mods[variant], None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=32)
+    mask_mod = run_walk_mask_mod(variant, max(Lq, Lkv))
+    block_mask = create_block_mask(mask_mod, None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=32)
+    assert block_mask._union_kv and block_mask.full_from_mask_mod
+    one_list_each = RUN_WALK_VARIANTS.index(variant) < 3
+    assert block_mask._runs_kv == one_list_each
     opts = {**TRITON, "KV_RUNS": kv_runs}
     out, lse = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True, kernel_options=opts)
     plan = K.cached_plan(q, k, v, None, block_mask, None, validate_kernel_options(dict(opts)))
     consts = K.forward_launch(plan, q, k, v, out, lse, lse, plan.candidates[0])[2]
-    assert consts["RUNS"] == (kv_runs and variant != "wide_window")
+    assert consts["RUNS"] == kv_runs
+    assert consts["MASK_ON_FULL"] == (kv_runs and not one_list_each)
     ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), None, block_mask)
     low_out, low_lse, _ = math_attention(q, k, v, None, block_mask)
     assert not torch.isnan(out).any()
