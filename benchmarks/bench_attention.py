@@ -669,13 +669,27 @@ def write_reports(path_base: str, meta: dict, results: List[dict], skipped: List
 
 
 # ------------------------------------------------------------------------------------------- main
-def add_case_arguments(ap: argparse.ArgumentParser) -> None:
-    """--case/--S/--B/--H/--D for the one-case tools (profile_kernels.py, sweep_backward.py)."""
-    ap.add_argument("--case", default="causal", choices=ALL_CASES)
-    ap.add_argument("--S", type=int, default=4096)
-    ap.add_argument("--B", type=int, default=4)
+def add_case_arguments(ap: argparse.ArgumentParser, case: str = "causal", S: int = 4096, B: int = 4) -> None:
+    """--case/--S/--B/--H/--D for the one-case tools (profile_kernels.py, sweep_backward.py, the
+    document probes)."""
+    ap.add_argument("--case", default=case, choices=ALL_CASES)
+    ap.add_argument("--S", type=int, default=S)
+    ap.add_argument("--B", type=int, default=B)
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--D", type=int, default=128)
+
+
+def probe_setup(args, device):
+    """(case, q, k, v, dout) of a one-case tool's arguments: the case with the benchmark's default
+    settings, bf16 inputs of seed 0, q/k/v requiring grad."""
+    case = build_case(args.case, args.S, args.H, device,
+                      argparse.Namespace(num_docs=8, doc_seed=0, window=1024, prefix=1024, softcap=30.0))
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v, dout = (torch.randn(args.B, args.H, args.S, args.D, device=device, dtype=torch.bfloat16, generator=g)
+                     for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+    return case, q, k, v, dout
 
 
 def _csv(s: str) -> List[str]:

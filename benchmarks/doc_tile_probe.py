@@ -22,15 +22,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import BWD_FLOP_FACTOR, build_case, capture_graph  # noqa: E402
+from bench_attention import BWD_FLOP_FACTOR, add_case_arguments, capture_graph, probe_setup  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--S", type=int, default=1024)
-    ap.add_argument("--B", type=int, default=16)
-    ap.add_argument("--H", type=int, default=16)
-    ap.add_argument("--D", type=int, default=128)
+    add_case_arguments(ap, "document", 1024, 16)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default="default,spec,64x32,64x32_spec")
     args = ap.parse_args()
@@ -40,13 +37,8 @@ def main():
     from inductor_flex import create_block_mask, flex_attention
 
     dev = torch.device("cuda")
-    case_args = argparse.Namespace(num_docs=8, doc_seed=0, window=1024, prefix=1024, softcap=30.0)
-    case = build_case("document", args.S, args.H, dev, case_args)
+    case, q, k, v, dout = probe_setup(args, dev)
     S, B, H, D = args.S, args.B, args.H, args.D
-    g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v, dout = (torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_()
     fwd_flops = 4.0 * B * H * D * case.analytic_pairs
     masks = {128: create_block_mask(case.mask_mod, None, None, S, S, device=dev),
              (64, 32): create_block_mask(case.mask_mod, None, None, S, S, device=dev, BLOCK_SIZE=(64, 32))}
@@ -75,7 +67,7 @@ def main():
         ref = out if ref is None else ref
         print(f"{name}: max |out - default| {(out.float() - ref.float()).abs().max().item():.3e}", flush=True)
         steps[name] = (capture_graph(fwd, dev), capture_graph(fwdbwd, dev))
-    print(f"document S={S} B={B} H={H} D={D} bf16, density {case.analytic_pairs / S / S:.3f}; TFLOP/s fwd / f+b")
+    print(f"{args.case} S={S} B={B} H={H} D={D} bf16, density {case.analytic_pairs / S / S:.3f}; TFLOP/s fwd / f+b")
     for r in range(args.rounds):
         for name in chosen:
             f, fb = steps[name]

@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import build_case  # noqa: E402
+from bench_attention import add_case_arguments, probe_setup  # noqa: E402
 
 
 def _row(tag, name, cfg, k):
@@ -28,11 +28,7 @@ def _row(tag, name, cfg, k):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--case", default="document")
-    ap.add_argument("--S", type=int, default=1024)
-    ap.add_argument("--B", type=int, default=16)
-    ap.add_argument("--H", type=int, default=16)
-    ap.add_argument("--D", type=int, default=128)
+    add_case_arguments(ap, "document", 1024, 16)
     ap.add_argument("--dump", default=None)
     args = ap.parse_args()
 
@@ -42,15 +38,9 @@ def main():
     from inductor_flex import launch as L
 
     dev = torch.device("cuda")
-    case = build_case(args.case, args.S, args.H, dev,
-                      argparse.Namespace(num_docs=8, doc_seed=0, window=1024, prefix=1024, softcap=30.0))
+    case, q, k, v, dout = probe_setup(args, dev)
     bm = (create_block_mask(case.mask_mod, None, None, args.S, args.S, device=dev)
           if case.mask_mod is not None else None)
-    g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v, dout = (torch.randn(args.B, args.H, args.S, args.D, device=dev, dtype=torch.bfloat16, generator=g)
-                     for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_()
 
     def step(fn):
         fn(q, k, v, score_mod=case.score_mod, block_mask=bm).backward(dout)

@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import build_case  # noqa: E402
+from bench_attention import add_case_arguments, probe_setup  # noqa: E402
 
 _WRAP = re.compile(r"(t\d+) = tl\.where\((t\d+) < 0, \2 \+ (\w+), \2\)")
 _LOAD = re.compile(r"tl\.load\(([^,]+), mask=[^\n]*?, other=0\)")
@@ -40,10 +40,7 @@ def rewrite(source: str, form: str, L: int) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--S", type=int, default=1024)
-    ap.add_argument("--B", type=int, default=16)
-    ap.add_argument("--H", type=int, default=16)
-    ap.add_argument("--D", type=int, default=128)
+    add_case_arguments(ap, "document", 1024, 16)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--show", action="store_true", help="print the rewritten mask_mods")
     args = ap.parse_args()
@@ -57,11 +54,9 @@ def main():
 
     S, B, H, D = args.S, args.B, args.H, args.D
     dev = torch.device("cuda")
-    case = build_case("document", S, H, dev,
-                      argparse.Namespace(num_docs=8, doc_seed=0, window=1024, prefix=1024, softcap=30.0))
+    case, q, k, v, dout = probe_setup(args, dev)
+    q, k, v = q.detach(), k.detach(), v.detach()
     bm = create_block_mask(case.mask_mod, None, None, S, S, device=dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v, dout = (torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
     out = torch.randn_like(q)
     lse = torch.randn(B, H, S, device=dev)
     plan = K.ForwardPlan(q, k, v, None, bm, None, {})
@@ -89,7 +84,7 @@ def main():
             run()
             timed[(kind, tuple(cfg)[:4], form)] = run
     torch.cuda.synchronize()
-    print(f"document S={S} B={B} H={H} D={D} bf16: kernel us (do_bench median)")
+    print(f"{args.case} S={S} B={B} H={H} D={D} bf16: kernel us (do_bench median)")
     for r in range(args.rounds):
         for kind, cfg, *_ in launches:
             row = []
