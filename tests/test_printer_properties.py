@@ -222,3 +222,47 @@ def test_index_tile_forms_agree(monkeypatch, tile_float_form):
     ref, _, _ = math_attention(q.double(), k.double(), v.double(), alibi, None)
     low, _, _ = math_attention(q, k, v, alibi, None)
     assert_close_to_reference(out, ref, low, torch.float32, "out")
+
+
+# ---- packed segments: the one-loop walk of rows that are one run only together, and gathers --------
+# through captured ids that may be negative (printer.nonneg_flag)
+@settings(max_examples=8, **_SETTINGS)
+@given(L=st.integers(40, 160), cuts=st.lists(st.integers(1, 159), max_size=5),
+       first_id=st.integers(-3, 1), windows=st.lists(st.integers(1, 90), min_size=7, max_size=7),
+       lq_short=st.booleans())
+@example(L=150, cuts=[40, 97], first_id=-1, windows=[70, 20, 200, 5, 33, 64, 9], lq_short=False)
+def test_random_segmented_masks(L, cuts, first_id, windows, lq_short):
+    """Causal attention inside packed segments with a per-segment window read through the
+    segment's id: ``(seg[q] == seg[kv]) & (kv <= q) & (q - kv < width[seg[q]])``. Segment ids start
+    at a random value, negative ones included, so the gather wraps exactly where PyTorch's indexing
+    does. Rows list a partial block where their segment (or window) starts, full blocks, then the
+    partial diagonal: the kernels walk them in one loop (forward, dQ and dK/dV). Forward and
+    gradients against the float64 math path."""
+    from inductor_flex import kernel as K
+
+    Lq = L - 17 if lq_short else L
+    seg = torch.zeros(L, dtype=torch.int64)
+    for c in cuts:
+        seg[c % L:] += 1
+    seg += first_id
+    width = torch.tensor(windows)  # seg values in [-3, 6]: negative ones read from the end
+
+    def segmented(b, h, q_idx, kv_idx):
+        same = seg[q_idx] == seg[kv_idx]
+        return same & (kv_idx <= q_idx) & (q_idx - kv_idx < width[seg[q_idx]])
+
+    block_mask = create_block_mask(segmented, None, None, Lq, L, device="cpu", BLOCK_SIZE=16)
+    shape = (1, 2, 1, Lq, L, 16, 8)
+    q = torch.randn(1, 2, Lq, 16)
+    k, v = torch.randn(1, 1, L, 16), torch.randn(1, 1, L, 8)
+    out, lse = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True,
+                              kernel_options=TRITON)
+    ref_out, ref_lse, _ = math_attention(q.double(), k.double(), v.double(), None, block_mask)
+    low_out, low_lse, _ = math_attention(q, k, v, None, block_mask)
+    assert_close_to_reference(out, ref_out, low_out, torch.float32, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.float32, "lse")
+    check_backward(shape, torch.float32, None, block_mask)
+    plan = K.cached_plan(q, k, v, None, block_mask, None, dict(TRITON))
+    assert plan.mask.index_sources  # seg's values index width: the flag is passed
+    if (L, cuts, first_id) == (150, [40, 97], -1):  # the example: both sides walk the union
+        assert K.plan_union_walk(plan, "kv") and K.plan_union_walk(plan, "q")
