@@ -10,7 +10,7 @@ import torch
 from inductor_flex import flex_attention
 from inductor_flex.lowering import template
 
-from cases import SHAPES, make_inputs, make_variant
+from cases import SHAPES, make_inputs, make_variant, run_walk_mask_mod
 from inductor_interpreter import InterpretedKernel
 from conftest import (assert_close_to_reference, assert_grads_close, check_dynamic_lengths, compile_counter, reference64,
                       reference_same_dtype)
@@ -454,3 +454,37 @@ def test_warp_specialized_config_renders_for_a_block_mask_of_runs(interpreted_in
     low_out, low_lse, _ = reference_same_dtype(q, k, v, None, bm)
     assert_close_to_reference(out, ref_out, low_out, torch.float16, "out")
     assert_close_to_reference(lse, ref_lse, low_lse, torch.float16, "lse")
+
+
+@pytest.mark.parametrize("lengths", [(150, 230), (230, 230)], ids=["Lq150_Lkv230", "Lq230_Lkv230"])
+def test_compiled_kernels_walk_document_rows_in_one_loop(interpreted_inductor, lengths):
+    """Packed causal documents under torch.compile: each row's partial blocks sit at both ends of
+    its full ones, so the lists are no runs apart but one together (create_block_mask read both
+    sides; attention.traced_block_mask_facts). The Inductor-rendered forward walks that run in one
+    loop (RUNS with MASK_ON_FULL, unspecialized), dQ too (UNION), and dK/dV where the query side is
+    one run only together (Lq past the second document's end). Forward and gradients vs float64."""
+    from torch._inductor.utils import run_and_get_code
+
+    from inductor_flex import create_block_mask
+
+    Lq, Lkv = lengths
+    q, k, v = make_inputs((1, 2, 2, Lq, Lkv, 32, 32), torch.float16, "cpu", requires_grad=True)
+    g = torch.randn(1, 2, Lq, 32, dtype=torch.float16)
+    bm = create_block_mask(run_walk_mask_mod("document", max(Lq, Lkv)), None, None, Lq, Lkv, device="cpu",
+                           BLOCK_SIZE=32)
+    q_union = not bm._runs_q
+    assert bm._union_kv and bm._union_q and not bm._runs_kv and q_union == (Lq > 200)
+    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=bm), fullgraph=True)
+
+    def step():
+        out = fn(q, k, v)
+        return out, torch.autograd.grad(out, (q, k, v), g)
+
+    (out, grads), code = run_and_get_code(step)
+    code = "\n".join(code)
+    assert "'MASK_ON_FULL': True" in code and "'WARP_SPECIALIZE': False" in code
+    assert code.count("'UNION': True") == 1 + int(q_union)  # dQ, and dK/dV where its side is a union
+    ref_out, _, _ = reference64(q, k, v, None, bm)
+    low_out, _, _ = reference_same_dtype(q, k, v, None, bm)
+    assert_close_to_reference(out, ref_out, low_out, torch.float16, "out")
+    assert_grads_close(q, k, v, grads, g, None, bm, torch.float16)
