@@ -25,6 +25,7 @@ from inductor_flex.validation import use_fast_tanh
 from inductor_flex.templates import render
 
 from . import tuning_masks
+from .index_wrap import wrap_negative_indices
 from inductor_flex.joint_graph import prescale
 from inductor_flex.printer import TANH_SERIES, TANH_SERIES_BELOW
 
@@ -218,15 +219,28 @@ def sizes_autotune_pays(batch, heads, q_len, kv_len) -> bool:
     return autotune_pays(*(compat.size_hint(d) for d in (batch, heads, q_len, kv_len)))
 
 
+# the kernels' batch, head, row and column indices (never negative), as _placeholder names them
+_INDEX_NAMES = ("b", "h", "m", "n")
+
+
+def _placeholder_name(arg):
+    try:
+        return arg.get_name()
+    except Exception:  # noqa: BLE001 - not a named buffer
+        return None
+
+
 def _placeholder(name: str, dtype: torch.dtype, device):
     ir = compat.inductor_ir()
     return ir.TensorBox.create(ir.InputBuffer(name=name, layout=ir.FixedLayout(device, dtype, [], [])))
 
 
 def _subgraph_buffer(gm, args):
-    """The subgraph's single output as the ComputedBuffer a template's modification() inlines."""
+    """The subgraph's single output as the ComputedBuffer a template's modification() inlines, its
+    gathers wrapping negative indices as PyTorch does (index_wrap.py)."""
     ir = compat.inductor_ir()
-    out = compat.lower_subgraph(gm, args)
+    index_args = [i for i, a in enumerate(args) if _placeholder_name(a) in _INDEX_NAMES]
+    out = compat.lower_subgraph(wrap_negative_indices(gm, index_args), args)
     out = out[0] if isinstance(out, (list, tuple)) else out
     if not isinstance(out, ir.TensorBox) or not isinstance(out.data, ir.StorageBox):
         raise NotImplementedError(f"inductor_flex: a mod lowered to {type(out).__name__}, expected a pointwise value")
