@@ -141,11 +141,19 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
             tensors.append(v)
         elif (key := _value_key(v)) is not _NOT_PLAIN:
             scalars.append(key)
-        elif callable(v) and hasattr(v, "__code__"):
+        elif (callable(v) and hasattr(v, "__code__")) or isinstance(v, functools.partial):
             sub = _fingerprint(v, depth + 1, seen, opaque_ok)
             if sub is None:
                 return None
-            scalars.append((v.__code__, sub[0]))
+            scalars.append((getattr(v, "__code__", None), sub[0]))
+            tensors.extend(sub[1])
+        elif isinstance(v, (list, tuple)) and len(v) <= 64 and depth <= 6:
+            # the mods a combinator closes over (and_masks / or_masks hold a tuple of them): walked like
+            # the mod's own cells, so a composed mask keeps the fast path
+            sub = _fingerprint_items(v, depth + 1, seen, opaque_ok)
+            if sub is None:
+                return None
+            scalars.append(sub[0])
             tensors.extend(sub[1])
         elif not isinstance(v, type) and callable(v) and (getattr(v, "__module__", None) or "").startswith("torch"):
             continue  # torch's own functions hold no tensors of the caller's (classes may: not exempt)
@@ -157,6 +165,32 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
                     if key is not _NOT_PLAIN:
                         attrs.append((name, key))
             scalars.append(("obj", id(v), tuple(attrs)))
+        else:
+            return None
+    return tuple(scalars), tuple(tensors)
+
+
+def _fingerprint_items(items, depth: int, seen: set, opaque_ok: bool) -> Optional[tuple]:
+    """_fingerprint of a list / tuple holding functions, tensors, scalars and such lists."""
+    scalars, tensors = [type(items).__name__], []
+    for v in items:
+        if isinstance(v, torch.Tensor):
+            tensors.append(v)
+            scalars.append("tensor")  # (its position: a tensor and a function may swap places)
+        elif (key := _value_key(v)) is not _NOT_PLAIN:
+            scalars.append(key)
+        elif (callable(v) and hasattr(v, "__code__")) or isinstance(v, functools.partial):
+            sub = _fingerprint(v, depth, seen, opaque_ok)
+            if sub is None:
+                return None
+            scalars.append((getattr(v, "__code__", None), sub[0]))
+            tensors.extend(sub[1])
+        elif isinstance(v, (list, tuple)) and len(v) <= 64 and depth <= 6:
+            sub = _fingerprint_items(v, depth + 1, seen, opaque_ok)
+            if sub is None:
+                return None
+            scalars.append(sub[0])
+            tensors.extend(sub[1])
         else:
             return None
     return tuple(scalars), tuple(tensors)

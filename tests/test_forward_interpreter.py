@@ -226,6 +226,46 @@ def test_mod_reaching_a_list_of_scalars_takes_the_fast_path_and_sees_changes():
         K._printed_mod_slow = slow
 
 
+@pytest.mark.parametrize("combine", ["or_masks", "and_masks"])
+def test_composed_mask_takes_the_fast_path_and_sees_a_rebound_tensor(combine):
+    # and_masks / or_masks close over a tuple of mods: walked like the mod's own cells, so the call
+    # does not run the mask on the device to learn what it reads (that cost the H200's eager
+    # prefix-LM forward 280-380 us of host time per call), and a rebound tensor still reprints it
+    from inductor_flex import create_block_mask
+    from inductor_flex import kernel as K
+    from inductor_flex import mods
+    from inductor_flex.variants import generate_causal_mask
+
+    q, k, v = make_inputs((1, 2, 2, 40, 40, 16, 16), torch.float32, "cpu")
+    chosen_keys = torch.arange(40) % 3 == 0
+
+    def chosen(b, h, q_idx, kv_idx):
+        return chosen_keys[kv_idx]
+
+    mask_mod = getattr(mods, combine)(generate_causal_mask(), chosen)
+
+    def check():
+        bm = create_block_mask(mask_mod, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
+        out = flex_attention(q, k, v, block_mask=bm, kernel_options=TRITON)
+        ref, _, _ = math_attention(q.double(), k.double(), v.double(), None, bm)
+        low, _, _ = math_attention(q, k, v, None, bm)
+        assert_close_to_reference(out, ref, low, torch.float32, "out")
+        return out
+
+    first = check()
+    slow = K._printed_mod_slow
+    calls = []
+    K._printed_mod_slow = lambda *a: calls.append(a) or slow(*a)
+    try:
+        check()
+        assert calls == []
+        chosen_keys = torch.arange(40) % 3 == 1  # rebinds the cell of a mod inside the tuple
+        assert (check() - first).abs().max() > 1e-3
+        assert len(calls) == 1
+    finally:
+        K._printed_mod_slow = slow
+
+
 def test_slow_path_print_sees_a_changed_global_scalar():
     # a mod that reaches an opaque object is run at every call to find its tensors; its cached
     # print must still be keyed by the scalars it reads (here a module global through a helper)
