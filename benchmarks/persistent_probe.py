@@ -29,6 +29,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _doc_step(q, k, v, ids_q, ids_k, offs_m, offs_n, m_i, l_i, acc, qk_scale):
+    """One kv tile of the document-causal online softmax (the mask on every tile)."""
+    qk = tl.dot(q, tl.trans(k))
+    keep = (ids_q[:, None] == ids_k[None, :]) & (offs_m[:, None] >= offs_n[None, :])
+    s = tl.where(keep, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row of a later document sees no key in its tile's first kv tiles: keep exp2's argument finite
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _doc_tile(Q, K, V, O, LSE, IDS, KV_LO, tile, S, n_m, qk_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
     m = tile % n_m
@@ -48,18 +65,7 @@ def _doc_tile(Q, K, V, O, LSE, IDS, KV_LO, tile, S, n_m, qk_scale,
         k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :])
         v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :])
         ids_k = tl.load(IDS + offs_n)
-        qk = tl.dot(q, tl.trans(k))
-        keep = (ids_q[:, None] == ids_k[None, :]) & (offs_m[:, None] >= offs_n[None, :])
-        s = tl.where(keep, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row of a later document sees no key in its tile's first kv tiles: keep exp2's argument finite
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        m_i, l_i, acc = _doc_step(q, k, v, ids_q, ids_k, offs_m, offs_n, m_i, l_i, acc, qk_scale)
     acc = acc / l_i[:, None]
     tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty))
     tl.store(LSE + bh.to(tl.int64) * S + offs_m, m_i + tl.math.log2(l_i))
@@ -115,17 +121,7 @@ def doc_fwd_flat(Q, K, V, O, LSE, IDS, ITEM_START, ITEM_TILE, ITEM_N, ITEM_FLAGS
         # a new query tile starts from an empty softmax state: alpha = exp2(-inf) = 0 clears acc
         m_i = tl.where(first, float("-inf"), m_i)
         l_i = tl.where(first, 0.0, l_i)
-        qk = tl.dot(q, tl.trans(k))
-        keep = (ids_q[:, None] == ids_k[None, :]) & (offs_m[:, None] >= offs_n[None, :])
-        s = tl.where(keep, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        m_i, l_i, acc = _doc_step(q, k, v, ids_q, ids_k, offs_m, offs_n, m_i, l_i, acc, qk_scale)
         if (flags & 2) != 0:
             tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
             tl.store(LSE + bh.to(tl.int64) * S + offs_m, m_i + tl.math.log2(l_i))
@@ -210,7 +206,6 @@ def cross_compile(args_dump=True):
 def gpu(args):
     from triton.testing import do_bench
 
-    from bench_attention import add_case_arguments, probe_setup  # noqa: F401
     from bench_attention import document_ids
 
     dev = torch.device("cuda")

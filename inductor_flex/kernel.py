@@ -113,12 +113,11 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
             return None
         scalars, tensors = list(inner[0]), list(inner[1])
         for name, v in list(enumerate(fn.args)) + sorted(fn.keywords.items()):
-            if isinstance(v, torch.Tensor):
-                tensors.append(v)
-            elif (key := _value_key(v)) is not _NOT_PLAIN:
-                scalars.append((name, key))
-            else:
+            sub = _fingerprint_value(v, depth, seen, opaque_ok)
+            if sub is None or sub is _UNWALKED:
                 return None
+            scalars.append((name, sub[0]))
+            tensors.extend(sub[1])
         return tuple(scalars), tuple(tensors)
     code = getattr(fn, "__code__", None)
     if code is None or depth > 6 or getattr(fn, "__self__", None) is not None:
@@ -137,22 +136,10 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
                 values.append(glb[name])
     scalars, tensors = [], []
     for v in values:
-        if isinstance(v, torch.Tensor):
-            tensors.append(v)
-        elif (key := _value_key(v)) is not _NOT_PLAIN:
-            scalars.append(key)
-        elif (callable(v) and hasattr(v, "__code__")) or isinstance(v, functools.partial):
-            sub = _fingerprint(v, depth + 1, seen, opaque_ok)
-            if sub is None:
-                return None
-            scalars.append((getattr(v, "__code__", None), sub[0]))
-            tensors.extend(sub[1])
-        elif isinstance(v, (list, tuple)) and len(v) <= 64 and depth <= 6:
-            # the mods a combinator closes over (and_masks / or_masks hold a tuple of them): walked like
-            # the mod's own cells, so a composed mask keeps the fast path
-            sub = _fingerprint_items(v, depth + 1, seen, opaque_ok)
-            if sub is None:
-                return None
+        sub = _fingerprint_value(v, depth, seen, opaque_ok)
+        if sub is None:
+            return None
+        if sub is not _UNWALKED:
             scalars.append(sub[0])
             tensors.extend(sub[1])
         elif not isinstance(v, type) and callable(v) and (getattr(v, "__module__", None) or "").startswith("torch"):
@@ -170,30 +157,31 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
     return tuple(scalars), tuple(tensors)
 
 
-def _fingerprint_items(items, depth: int, seen: set, opaque_ok: bool) -> Optional[tuple]:
-    """_fingerprint of a list / tuple holding functions, tensors, scalars and such lists."""
-    scalars, tensors = [type(items).__name__], []
-    for v in items:
-        if isinstance(v, torch.Tensor):
-            tensors.append(v)
-            scalars.append("tensor")  # (its position: a tensor and a function may swap places)
-        elif (key := _value_key(v)) is not _NOT_PLAIN:
-            scalars.append(key)
-        elif (callable(v) and hasattr(v, "__code__")) or isinstance(v, functools.partial):
-            sub = _fingerprint(v, depth, seen, opaque_ok)
-            if sub is None:
+_UNWALKED = object()
+
+
+def _fingerprint_value(v, depth: int, seen: set, opaque_ok: bool):
+    """(key, tensors) of one value a mod reaches: a tensor, a scalar (or list of them), a function
+    (walked by _fingerprint), or a list / tuple of these: the mods a combinator closes over
+    (and_masks / or_masks hold a tuple of them), so a composed mask keeps the fast path. None when
+    something opaque is reachable through it; _UNWALKED for any other value (the caller decides)."""
+    if isinstance(v, torch.Tensor):
+        return "tensor", (v,)  # (the marker keeps its place: a tensor and a function may swap)
+    if (key := _value_key(v)) is not _NOT_PLAIN:
+        return key, ()
+    if (callable(v) and hasattr(v, "__code__")) or isinstance(v, functools.partial):
+        sub = _fingerprint(v, depth + 1, seen, opaque_ok)
+        return None if sub is None else ((getattr(v, "__code__", None), sub[0]), sub[1])
+    if isinstance(v, (list, tuple)) and len(v) <= 64 and depth <= 6:
+        keys, tensors = [type(v).__name__], []
+        for x in v:
+            sub = _fingerprint_value(x, depth + 1, seen, opaque_ok)
+            if sub is None or sub is _UNWALKED:
                 return None
-            scalars.append((getattr(v, "__code__", None), sub[0]))
+            keys.append(sub[0])
             tensors.extend(sub[1])
-        elif isinstance(v, (list, tuple)) and len(v) <= 64 and depth <= 6:
-            sub = _fingerprint_items(v, depth + 1, seen, opaque_ok)
-            if sub is None:
-                return None
-            scalars.append(sub[0])
-            tensors.extend(sub[1])
-        else:
-            return None
-    return tuple(scalars), tuple(tensors)
+        return tuple(keys), tuple(tensors)
+    return _UNWALKED
 
 
 def _printed_mod(fn: Optional[Callable], kind: str, device: torch.device, fast_tanh: bool) -> PrintedMod:

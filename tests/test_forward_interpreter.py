@@ -1,4 +1,6 @@
 """The rendered forward kernel, run by Triton's interpreter on CPU tensors, vs the float64 oracle."""
+import contextlib
+
 import pytest
 import torch
 
@@ -188,12 +190,23 @@ def test_rebinding_a_captured_tensor_is_seen_without_rerunning_the_print():
     assert (third.double() - ref).abs().max() < 1e-5
 
 
+@contextlib.contextmanager
+def slow_prints():
+    """The calls that ran a mod to learn what it reads (kernel._printed_mod_slow), listed."""
+    from inductor_flex import kernel as K
+
+    slow, calls = K._printed_mod_slow, []
+    K._printed_mod_slow = lambda *a: calls.append(a) or slow(*a)
+    try:
+        yield calls
+    finally:
+        K._printed_mod_slow = slow
+
+
 def test_mod_reaching_a_list_of_scalars_takes_the_fast_path_and_sees_changes():
     # a list of constants (e.g. document boundaries) reached through a helper: the call must not run
     # the mod on the device to learn what it reads (that cost 0.9 ms per call on the H100,
     # benchmarks/mask_cost_probe.py "arith"), and a changed list must reprint it
-    from inductor_flex import kernel as K
-
     q, k, v = make_inputs((1, 1, 1, 33, 33, 16, 16), torch.float32, "cpu")
     bounds = [5, 17]
 
@@ -213,17 +226,12 @@ def test_mod_reaching_a_list_of_scalars_takes_the_fast_path_and_sees_changes():
         return out
 
     first = check()
-    slow = K._printed_mod_slow
-    calls = []
-    K._printed_mod_slow = lambda *a: calls.append(a) or slow(*a)
-    try:
+    with slow_prints() as calls:
         check()
         assert calls == []
         bounds[1] = 9  # in place: same list object, new constants
         assert (check() - first).abs().max() > 1e-3
         assert len(calls) == 1
-    finally:
-        K._printed_mod_slow = slow
 
 
 @pytest.mark.parametrize("combine", ["or_masks", "and_masks"])
@@ -232,7 +240,6 @@ def test_composed_mask_takes_the_fast_path_and_sees_a_rebound_tensor(combine):
     # does not run the mask on the device to learn what it reads (that cost the H200's eager
     # prefix-LM forward 280-380 us of host time per call), and a rebound tensor still reprints it
     from inductor_flex import create_block_mask
-    from inductor_flex import kernel as K
     from inductor_flex import mods
     from inductor_flex.variants import generate_causal_mask
 
@@ -253,17 +260,12 @@ def test_composed_mask_takes_the_fast_path_and_sees_a_rebound_tensor(combine):
         return out
 
     first = check()
-    slow = K._printed_mod_slow
-    calls = []
-    K._printed_mod_slow = lambda *a: calls.append(a) or slow(*a)
-    try:
+    with slow_prints() as calls:
         check()
         assert calls == []
         chosen_keys = torch.arange(40) % 3 == 1  # rebinds the cell of a mod inside the tuple
         assert (check() - first).abs().max() > 1e-3
         assert len(calls) == 1
-    finally:
-        K._printed_mod_slow = slow
 
 
 def test_slow_path_print_sees_a_changed_global_scalar():
