@@ -13,9 +13,11 @@ GPU waits between the two, which is what makes short eager steps host-bound.
 
     python benchmarks/profile_host.py --case paged --cpu  # no GPU: CPU tensors, the Triton
                                                           # interpreter, the launch itself stubbed
+    python benchmarks/profile_host.py --case fwdbwd --cpu
 
---cpu (decode and paged) times everything an eager decode call does on the host except the launch,
-so host-side changes can be compared on a machine without a GPU.
+--cpu times everything an eager call does on the host except the launches (CPU tensors, the
+forward / backward / decode launches stubbed), so host-side changes can be compared on a machine
+without a GPU; the GPU machine's host has taken 1.5-3x as long.
 """
 from __future__ import annotations
 
@@ -41,16 +43,17 @@ def main():
     ap.add_argument("--case", choices=("decode", "paged", "forward", "fwdbwd"), default="decode")
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--cpu", action="store_true", help="decode / paged on CPU with the launch stubbed")
+    ap.add_argument("--cpu", action="store_true", help="on CPU tensors with the launches stubbed")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     opts = None
     if args.cpu:
-        if args.case not in ("decode", "paged"):
-            ap.error("--cpu takes --case decode or paged")
+        import inductor_flex.backward as BW
         import inductor_flex.decode as D
+        import inductor_flex.kernel as K
 
-        D.launch_kernel = lambda *a, **k: None  # the interpreter would run the kernel: time the host only
+        # the interpreter would run the kernels: time the host only
+        D.launch_kernel = K.launch_kernel = BW.launch_kernel = lambda *a, **k: None
         dev, dt, opts = "cpu", torch.float16, {"BACKEND": "TRITON"}  # AUTO takes the math path on CPU
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     bm = None
@@ -63,7 +66,7 @@ def main():
         q = torch.randn(4, 16, 4096, 128, dtype=dt, device=dev)
         k = torch.randn(4, 16, 4096, 128, dtype=dt, device=dev)
     else:
-        return fwdbwd(args)
+        return fwdbwd(args, dev, dt, opts)
     if args.case != "paged":
         v = torch.randn_like(k)
 
@@ -105,12 +108,13 @@ def paged_inputs(dev, dt, B=8, Hq=32, Hkv=8, S=8192, D=128, page=128):
             v_pool.expand(B, -1, -1, -1), bm)
 
 
-def fwdbwd(args):
+def fwdbwd(args, dev, dt, opts):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_attention as BA
     from inductor_flex import create_block_mask
 
-    dev, dt, S = "cuda", torch.bfloat16, 1024
+    S = 1024
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     case = BA.build_case("document", S, 16, torch.device(dev), BA.parse_args([]))
     bm = create_block_mask(case.mask_mod, None, None, S, S, device=dev)
     q, k, v, dout = (torch.randn(16, 16, S, 128, dtype=dt, device=dev) for _ in range(4))
@@ -120,7 +124,7 @@ def fwdbwd(args):
 
     def step():
         t0 = time.perf_counter()
-        out = flex_attention(q, k, v, block_mask=bm)
+        out = flex_attention(q, k, v, block_mask=bm, kernel_options=opts)
         t1 = time.perf_counter()
         out.backward(dout)
         fwd_s.append(t1 - t0)
@@ -130,13 +134,13 @@ def fwdbwd(args):
 
     for _ in range(5):
         step()
-    torch.cuda.synchronize()
+    sync()
     fwd_s.clear()
     bwd_s.clear()
     calls = min(args.calls, 100)  # stay below the launch queue's depth: host time, not GPU time
     for _ in range(calls):
         step()
-        torch.cuda.synchronize()
+        sync()
     print(f"fwdbwd: forward {sorted(fwd_s)[calls // 2] * 1e6:.1f} us host, backward "
           f"{sorted(bwd_s)[calls // 2] * 1e6:.1f} us host (medians, synchronized between steps)")
     prof = cProfile.Profile()
@@ -144,7 +148,7 @@ def fwdbwd(args):
     for _ in range(calls):
         step()
     prof.disable()
-    torch.cuda.synchronize()
+    sync()
     pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
 
 

@@ -71,6 +71,10 @@ def _fingerprint(obj, depth: int = 0):
     if deps is not None:
         # a mod marked fixed (paged.py's wrappers, noop_mask): itself, and the mods it wraps
         return ("static", obj, tuple(_fingerprint(d, depth + 1) for d in deps))
+    if isinstance(obj, types.MethodType):
+        # a module's self.score_mod: its function, and the attributes of self its code names
+        return ("method", _fingerprint(obj.__func__, depth + 1), id(obj.__self__),
+                _attributes(obj.__self__, getattr(getattr(obj.__func__, "__code__", None), "co_names", ())))
     if isinstance(obj, functools.partial):
         return ("partial", _fingerprint(obj.func, depth + 1),
                 tuple(_fingerprint(a, depth + 1) for a in obj.args),

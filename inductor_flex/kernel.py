@@ -17,6 +17,7 @@ import re
 import sys
 import tempfile
 import threading
+import types
 import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -103,10 +104,12 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
     whose attributes might hold tensors), in which case the mod must be run to see what it reads;
     with opaque_ok such an object adds the constants its attributes named in the code hold instead
     (the key of a print found by running the mod)."""
-    seen = set() if seen is None else seen
+    # (the walked objects stay referenced until the walk ends: a bound method got from an attribute
+    # is a new object, and a freed one's id could come back for another)
+    seen = {} if seen is None else seen
     if id(fn) in seen:
         return (), ()
-    seen.add(id(fn))
+    seen[id(fn)] = fn
     if isinstance(fn, functools.partial) and depth <= 6:
         inner = _fingerprint(fn.func, depth + 1, seen, opaque_ok)
         if inner is None:
@@ -119,8 +122,11 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
             scalars.append((name, sub[0]))
             tensors.extend(sub[1])
         return tuple(scalars), tuple(tensors)
+    owner = getattr(fn, "__self__", None)
+    if owner is not None:
+        return _fingerprint_method(fn, owner, depth, seen, opaque_ok)
     code = getattr(fn, "__code__", None)
-    if code is None or depth > 6 or getattr(fn, "__self__", None) is not None:
+    if code is None or depth > 6:
         return None
     values = []
     for c in fn.__closure__ or ():
@@ -157,10 +163,36 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
     return tuple(scalars), tuple(tensors)
 
 
+def _fingerprint_method(fn, owner, depth: int, seen: dict, opaque_ok: bool) -> Optional[tuple]:
+    """_fingerprint of a bound method (a module's ``self.score_mod``): its function's, and the
+    attributes of ``self`` its code names (a learned bias, a cap) walked as closure cells are. None
+    when one of them is an object that might hold tensors (``self.cfg.scale``: run the mod)."""
+    func = getattr(fn, "__func__", None)
+    code = getattr(func, "__code__", None)
+    if code is None or depth > 6 or isinstance(owner, type(torch)):
+        return None
+    inner = _fingerprint(func, depth + 1, seen, opaque_ok)
+    if inner is None:
+        return None
+    scalars, tensors = [("self", type(owner).__qualname__), *inner[0]], list(inner[1])
+    codes = [code] + [c for c in code.co_consts if hasattr(c, "co_names")]
+    for name in dict.fromkeys(n for co in codes for n in co.co_names):
+        v = getattr(owner, name, None)
+        sub = _fingerprint_value(v, depth, seen, opaque_ok)
+        if sub is None:
+            return None
+        if sub is not _UNWALKED:
+            scalars.append((name, sub[0]))
+            tensors.extend(sub[1])
+        elif not (callable(v) and (getattr(v, "__module__", None) or "").startswith("torch")):
+            return None  # (the key of a slow-path print, with opaque_ok, is not worth a method's walk)
+    return tuple(scalars), tuple(tensors)
+
+
 _UNWALKED = object()
 
 
-def _fingerprint_value(v, depth: int, seen: set, opaque_ok: bool):
+def _fingerprint_value(v, depth: int, seen: dict, opaque_ok: bool):
     """(key, tensors) of one value a mod reaches: a tensor, a scalar (or list of them), a function
     (walked by _fingerprint), or a list / tuple of these: the mods a combinator closes over
     (and_masks / or_masks hold a tuple of them), so a composed mask keeps the fast path. None when
@@ -547,20 +579,26 @@ _plans: Dict[tuple, tuple] = {}
 def cached_plan(query, key, value, score_mod, block_mask, scale, opts) -> ForwardPlan:
     """A ForwardPlan, reused across calls with the same mods, BlockMask, shapes and strides while the
     mods still print to the same helpers (the eager path's per-call host cost is mostly planning)."""
+    # a bound method (a module's self.score_mod) is a new object at every attribute access: keyed by
+    # its function and instance, and found again by equality
+    method = isinstance(score_mod, types.MethodType)
+    sm_id = (id(score_mod.__func__), id(score_mod.__self__)) if method else id(score_mod)
     key_ = (query.shape, key.shape, value.shape, query.stride(), key.stride(), value.stride(), query.dtype,
-            key.dtype, query.device, id(score_mod), id(block_mask), scale, tuple(sorted(opts.items())))
+            key.dtype, query.device, sm_id, id(block_mask), scale, tuple(sorted(opts.items())))
     hit = _plans.get(key_)
     if hit is not None:
         plan, sm_ref, bm_ref = hit
         fresh = plan.mask_versions is None or plan.mask_versions == tuple(t._version for t in plan.mask.tensors)
-        if fresh and (sm_ref() if sm_ref is not None else None) is score_mod and (bm_ref() if bm_ref is not None else None) is block_mask:
+        sm = sm_ref() if sm_ref is not None else None
+        same_mod = (sm == score_mod) if method else (sm is score_mod)
+        if fresh and same_mod and (bm_ref() if bm_ref is not None else None) is block_mask:
             mm = block_mask.mask_mod if block_mask is not None else None
             if (_printed_mod(score_mod, "score_mod", plan.device, plan.fast_tanh) is plan.score
                     and _printed_mod(mm, "mask_mod", plan.device, False) is plan.mask):
                 return plan
     plan = ForwardPlan(query, key, value, score_mod, block_mask, scale, opts)
     try:
-        refs = (weakref.ref(score_mod) if score_mod is not None else None,
+        refs = ((weakref.WeakMethod if method else weakref.ref)(score_mod) if score_mod is not None else None,
                 weakref.ref(block_mask) if block_mask is not None else None)
     except TypeError:
         return plan

@@ -879,9 +879,19 @@ class _Printer:
 def _trace(fn: Callable, kind: str, score_dtype: torch.dtype, device) -> torch.fx.GraphModule:
     idx = [torch.zeros((), dtype=torch.int32, device=device) for _ in range(4)]
     args = ([torch.zeros((), dtype=score_dtype, device=device)] if kind == "score_mod" else []) + idx
+
+    # FX reads the traced function's arity from its code object: a bound method's counts self, a
+    # callable object's is its __call__'s, so the mod is traced through a plain function
+    if kind == "score_mod":
+        def mod(score, b, h, q_idx, kv_idx):
+            return fn(score, b, h, q_idx, kv_idx)
+    else:
+        def mod(b, h, q_idx, kv_idx):
+            return fn(b, h, q_idx, kv_idx)
+
     try:
         with TensorIndexMode():
-            return make_fx(fn, tracing_mode="real")(*args)
+            return make_fx(mod, tracing_mode="real")(*args)
     except FlexModError:
         raise
     except Exception as e:  # noqa: BLE001

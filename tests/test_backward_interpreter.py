@@ -119,6 +119,30 @@ def rel_bias_33(table):
     return mod
 
 
+class _RelBiasModule:
+    """A relative bias and a window written as methods reading their object's attributes."""
+
+    def __init__(self, table, window=11):
+        self.table, self.window = table, window
+
+    def score_mod(self, score, b, h, q_idx, kv_idx):
+        return score + self.table[h, q_idx - kv_idx + 32]
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() < self.window
+
+
+def test_bound_method_mods_backward():
+    # the score_mod's joint graph is traced through the bound method too, and the gradient of the
+    # table it reads through self arrives
+    from inductor_flex import create_block_mask
+
+    window = _RelBiasModule(None)
+    bm = create_block_mask(window.mask_mod, None, None, 33, 33, device="cpu", BLOCK_SIZE=16)
+    check_backward((1, 2, 2, 33, 33, 16, 16), torch.float32, lambda t: _RelBiasModule(t).score_mod, bm,
+                   [torch.randn(2, 2 * 33 - 1)])
+
+
 def test_backward_non_contiguous_inputs_and_grad():
     # (B, L, H, E) storage viewed as (B, H, L, E), and a non-contiguous upstream gradient
     base = [torch.randn(1, 37, 2, d, requires_grad=True) for d in (24, 24, 40)]

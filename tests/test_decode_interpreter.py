@@ -111,6 +111,29 @@ def test_mod_reaching_a_changed_list_gets_a_new_plan():
     assert (first - second).abs().max() > 1e-2
 
 
+def test_bound_method_mod_sees_a_rebound_attribute():
+    # a module's self.score_mod is a new bound object at each access: one plan serves it, and the
+    # attributes of self its code names are part of the plan key (a rebound bias reprints it)
+    q, k, v = make_inputs((1, 4, 2, 1, 67, 32, 32), torch.float16, "cpu")
+
+    class Bias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.zeros(67)
+
+        def score_mod(self, score, b, h, q_idx, kv_idx):
+            return score + self.bias[kv_idx]
+
+    m = Bias()
+    first, _ = check(q, k, v, m.score_mod)
+    plans = D.stats["plans"]
+    check(q, k, v, m.score_mod)
+    assert D.stats["plans"] == plans
+    m.bias = torch.linspace(-4.0, 4.0, 67)
+    second, _ = check(q, k, v, m.score_mod)
+    assert (first - second).abs().max() > 1e-2
+
+
 def test_per_head_block_mask_is_not_packed():
     # a BlockMask that differs per query head: each program takes one head
     Hq, Hkv, Lq, Lkv = 8, 2, 2, 131

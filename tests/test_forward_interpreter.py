@@ -268,6 +268,75 @@ def test_composed_mask_takes_the_fast_path_and_sees_a_rebound_tensor(combine):
         assert len(calls) == 1
 
 
+class _ModuleMods(torch.nn.Module):
+    """Mods written as methods of a module, reading its attributes (a switch from torch's
+    flex_attention keeps them: it calls whatever callable it is given)."""
+
+    def __init__(self, L: int):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(2, 2 * L) * 0.5)
+        self.cap = 20.0
+        self.window = 9
+        self.L = L
+
+    def score_mod(self, score, b, h, q_idx, kv_idx):
+        return self.cap * torch.tanh((score + self.table[h, kv_idx - q_idx + self.L]) / self.cap)
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx < self.window) & (kv_idx <= q_idx)
+
+
+class _CallableScore:
+    def __init__(self, slope: float):
+        self.slope = slope
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return score + self.slope * (kv_idx - q_idx)
+
+
+def test_mods_as_bound_methods_and_callable_objects():
+    from inductor_flex import create_block_mask
+
+    L = 37
+    q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu")
+    m = _ModuleMods(L)
+    bm = create_block_mask(m.mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+    for score_mod in (m.score_mod, _CallableScore(0.25)):
+        out = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, kernel_options=TRITON)
+        ref, _, _ = math_attention(q.double(), k.double(), v.double(), score_mod, bm)
+        low, _, _ = math_attention(q, k, v, score_mod, bm)
+        assert_close_to_reference(out, ref, low, torch.float32, "out")
+
+
+def test_bound_method_mod_takes_the_fast_path_and_sees_a_rebound_attribute():
+    # self.score_mod is a new bound object at every access: the plan cache finds it again by its
+    # function and instance, its print is reused without running it, and a rebound attribute (a new
+    # tensor, a new scalar) reprints it
+    from inductor_flex import kernel as K
+
+    L = 29
+    q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu")
+    m = _ModuleMods(L)
+
+    def check():
+        out = flex_attention(q, k, v, score_mod=m.score_mod, kernel_options=TRITON)
+        ref, _, _ = math_attention(q.double(), k.double(), v.double(), m.score_mod)
+        assert (out.double() - ref).abs().max() < 1e-5
+        return out
+
+    first = check()
+    plans = len(K._plans)
+    with slow_prints() as calls:
+        check()
+        assert calls == [] and len(K._plans) == plans
+        m.table = torch.nn.Parameter(torch.randn(2, 2 * L) * 2.0)
+        second = check()
+        assert (second - first).abs().max() > 1e-3
+        m.cap = 2.0
+        assert (check() - second).abs().max() > 1e-3
+        assert len(calls) == 2
+
+
 def test_slow_path_print_sees_a_changed_global_scalar():
     # a mod that reaches an opaque object is run at every call to find its tensors; its cached
     # print must still be keyed by the scalars it reads (here a module global through a helper)
