@@ -13,6 +13,7 @@ every position with one plan and one compiled kernel.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import types
@@ -25,7 +26,8 @@ from .block_mask import BlockMask
 from .launch import launch as launch_kernel
 from .mods import STATIC_MOD_DEPS
 from .kernel import (
-    _block_mask_args, _constant, _default_block_mask, _printed_mod, interpreter_enabled, load_module,
+    _block_mask_args, _call_method, _constant, _default_block_mask, _fingerprint as _method_fingerprint,
+    _printed_mod, interpreter_enabled, load_module,
     template_hooks, use_tma,
 )
 from .printer import PrintedMod
@@ -49,6 +51,7 @@ _plans: Dict[tuple, "DecodePlan"] = {}
 _interpret: list = []
 _rendered: Dict[tuple, tuple] = {}
 _tuned: Dict[tuple, Tuple[DecodeConfig, int]] = {}
+_unkeyed = itertools.count()
 # counters the tests read to prove that a new decode position reuses the plan and the module
 stats = {"plans": 0, "plan_hits": 0, "renders": 0}
 
@@ -71,10 +74,14 @@ def _fingerprint(obj, depth: int = 0):
     if deps is not None:
         # a mod marked fixed (paged.py's wrappers, noop_mask): itself, and the mods it wraps
         return ("static", obj, tuple(_fingerprint(d, depth + 1) for d in deps))
-    if isinstance(obj, types.MethodType):
-        # a module's self.score_mod: its function, and the attributes of self its code names
-        return ("method", _fingerprint(obj.__func__, depth + 1), id(obj.__self__),
-                _attributes(obj.__self__, getattr(getattr(obj.__func__, "__code__", None), "co_names", ())))
+    if isinstance(obj, types.MethodType) or _call_method(obj) is not None:
+        # a module's self.score_mod, a callable object: what the forward's print cache walks (the
+        # attributes of self its code names, the methods among them); where that meets an object
+        # it cannot see through (an nn.Module's own __call__), a key of its own: planned per call
+        fp = _method_fingerprint(obj)
+        if fp is None:
+            return ("unkeyed", next(_unkeyed))
+        return ("method", fp[0], tuple(id(t) for t in fp[1]))
     if isinstance(obj, functools.partial):
         return ("partial", _fingerprint(obj.func, depth + 1),
                 tuple(_fingerprint(a, depth + 1) for a in obj.args),

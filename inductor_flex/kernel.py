@@ -125,6 +125,9 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
     owner = getattr(fn, "__self__", None)
     if owner is not None:
         return _fingerprint_method(fn, owner, depth, seen, opaque_ok)
+    call = _call_method(fn)
+    if call is not None:  # a callable object: its __call__, a method of it
+        return _fingerprint_method(call, fn, depth, seen, opaque_ok)
     code = getattr(fn, "__code__", None)
     if code is None or depth > 6:
         return None
@@ -140,27 +143,85 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
         for name in co.co_names:
             if name in glb and not isinstance(glb[name], type(torch)):
                 values.append(glb[name])
+    return _fingerprint_values([(None, v) for v in values], codes, depth, seen, opaque_ok)
+
+
+def _fingerprint_values(named, codes, depth: int, seen: dict, opaque_ok: bool) -> Optional[tuple]:
+    """(scalars, tensors) of the (name, value) pairs a mod's code reaches (closure cells and globals
+    unnamed, attributes of self by name)."""
     scalars, tensors = [], []
-    for v in values:
+    for name, v in named:
         sub = _fingerprint_value(v, depth, seen, opaque_ok)
         if sub is None:
             return None
         if sub is not _UNWALKED:
-            scalars.append(sub[0])
+            scalars.append(sub[0] if name is None else (name, sub[0]))
             tensors.extend(sub[1])
         elif not isinstance(v, type) and callable(v) and (getattr(v, "__module__", None) or "").startswith("torch"):
             continue  # torch's own functions hold no tensors of the caller's (classes may: not exempt)
         elif opaque_ok:
             attrs = []
             for co in codes:
-                for name in co.co_names:
-                    key = _value_key(getattr(v, name, None))
+                for attr in co.co_names:
+                    key = _value_key(getattr(v, attr, None))
                     if key is not _NOT_PLAIN:
-                        attrs.append((name, key))
-            scalars.append(("obj", id(v), tuple(attrs)))
+                        attrs.append((attr, key))
+            scalars.append(("obj", name, id(v), tuple(attrs)))
         else:
             return None
     return tuple(scalars), tuple(tensors)
+
+
+def _call_method(obj):
+    """The bound __call__ of an instance whose class defines it in Python, else None."""
+    if isinstance(obj, (type, types.FunctionType, types.MethodType, functools.partial)):
+        return None
+    call = getattr(type(obj), "__call__", None)
+    return getattr(obj, "__call__") if isinstance(call, types.FunctionType) else None
+
+
+_SELF_LOADS = {"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_DEREF", "LOAD_CLOSURE"}
+_ATTR_LOADS = {"LOAD_ATTR", "LOAD_METHOD"}
+_self_attributes_seen: Dict[object, Optional[tuple]] = {}
+
+
+def _self_attributes(code) -> Optional[tuple]:
+    """The attribute names a method's code (nested functions included) reads directly off its first
+    argument (``self.x``), or None when ``self`` is used any other way: passed on, stored, or read
+    through ``getattr``, so that what it reaches cannot be told from the code."""
+    hit = _self_attributes_seen.get(code, False)
+    if hit is not False:
+        return hit
+    import dis
+
+    names: Dict[str, None] = {}
+    self_name = code.co_varnames[0] if code.co_argcount else None
+    todo, ok = [code], self_name is not None
+    while todo and ok:
+        co = todo.pop()
+        todo += [c for c in co.co_consts if hasattr(c, "co_code")]
+        ins = list(dis.get_instructions(co))
+        for i, op in enumerate(ins):
+            loads_self = ((op.opname in _SELF_LOADS and op.argval == self_name)
+                          or (op.opname in ("LOAD_FAST_LOAD_FAST", "LOAD_FAST_BORROW_LOAD_FAST_BORROW")
+                              and self_name in tuple(op.argval)))
+            if not loads_self:
+                continue
+            if op.opname == "LOAD_CLOSURE":
+                continue  # a nested function's cell for self: that function's own reads are checked
+            if isinstance(op.argval, tuple) and op.argval[-1] != self_name:
+                ok = False  # (self, then another local: self is an argument of what follows)
+                break
+            nxt = ins[i + 1] if i + 1 < len(ins) else None
+            if nxt is None or nxt.opname not in _ATTR_LOADS:
+                ok = False
+                break
+            names[nxt.argval] = None
+    out = tuple(names) if ok else None
+    if len(_self_attributes_seen) > 4096:
+        _self_attributes_seen.clear()
+    _self_attributes_seen[code] = out
+    return out
 
 
 def _fingerprint_method(fn, owner, depth: int, seen: dict, opaque_ok: bool) -> Optional[tuple]:
@@ -174,19 +235,18 @@ def _fingerprint_method(fn, owner, depth: int, seen: dict, opaque_ok: bool) -> O
     inner = _fingerprint(func, depth + 1, seen, opaque_ok)
     if inner is None:
         return None
-    scalars, tensors = [("self", type(owner).__qualname__), *inner[0]], list(inner[1])
+    names = _self_attributes(code)
+    if names is None:  # self goes elsewhere (hooks(self, ...), getattr(self, name)): unknown reach
+        return None
+    try:
+        named = [(n, getattr(owner, n, None)) for n in names]
+    except Exception:  # noqa: BLE001 - a property that raises: run the mod instead
+        return None
     codes = [code] + [c for c in code.co_consts if hasattr(c, "co_names")]
-    for name in dict.fromkeys(n for co in codes for n in co.co_names):
-        v = getattr(owner, name, None)
-        sub = _fingerprint_value(v, depth, seen, opaque_ok)
-        if sub is None:
-            return None
-        if sub is not _UNWALKED:
-            scalars.append((name, sub[0]))
-            tensors.extend(sub[1])
-        elif not (callable(v) and (getattr(v, "__module__", None) or "").startswith("torch")):
-            return None  # (the key of a slow-path print, with opaque_ok, is not worth a method's walk)
-    return tuple(scalars), tuple(tensors)
+    attrs = _fingerprint_values(named, codes, depth, seen, opaque_ok)
+    if attrs is None:
+        return None
+    return ("self", type(owner).__qualname__, *inner[0], *attrs[0]), (*inner[1], *attrs[1])
 
 
 _UNWALKED = object()
@@ -259,18 +319,22 @@ def _printed_mod_slow(fn: Callable, kind: str, device: torch.device, fast_tanh: 
     # keyed by every constant the mod can reach (closures, globals, helpers, lists, attributes it
     # names): a print bakes them in
     reach = _fingerprint(fn, opaque_ok=True)
-    # (a callable we cannot walk, e.g. an object with __call__, is keyed by identity alone)
     key = (kind, device.type, fast_tanh, reach[0] if reach is not None else None, getattr(fn, "__code__", None))
     try:
         per_fn = _printed.setdefault(fn, {})
     except TypeError:  # not weak-referenceable: no caching
         per_fn = {}
     cached = per_fn.get(key)
-    if cached is not None and len(cached.tensors) <= len(live) and all(
-        any(c is t for t in live) for c in cached.tensors
-    ):
+    same_tensors = cached is not None and len(cached.tensors) <= len(live) and all(
+        any(c is t for t in live) for c in cached.tensors)
+    if same_tensors and reach is not None:
         return cached
     printed = print_mod(fn, kind, device, fast_tanh)
+    # what a mod reaches unseen (an nn.Module called as the mod passes self to its hooks) may hold
+    # the numbers a print bakes in: printed again at every call, the cached print kept while equal
+    if same_tensors and printed.source == cached.source and len(printed.tensors) == len(cached.tensors) and all(
+            a is b for a, b in zip(printed.tensors, cached.tensors)):
+        return cached
     per_fn[key] = printed
     return printed
 

@@ -111,9 +111,11 @@ def test_mod_reaching_a_changed_list_gets_a_new_plan():
     assert (first - second).abs().max() > 1e-2
 
 
-def test_bound_method_mod_sees_a_rebound_attribute():
+@pytest.mark.parametrize("form", ["bound_method", "callable_object"])
+def test_method_mod_sees_a_rebound_attribute(form):
     # a module's self.score_mod is a new bound object at each access: one plan serves it, and the
-    # attributes of self its code names are part of the plan key (a rebound bias reprints it)
+    # attributes of self its code names are part of the plan key (a rebound bias reprints it); a
+    # callable object's __call__ is such a method
     q, k, v = make_inputs((1, 4, 2, 1, 67, 32, 32), torch.float16, "cpu")
 
     class Bias(torch.nn.Module):
@@ -124,13 +126,40 @@ def test_bound_method_mod_sees_a_rebound_attribute():
         def score_mod(self, score, b, h, q_idx, kv_idx):
             return score + self.bias[kv_idx]
 
+        def __call__(self, score, b, h, q_idx, kv_idx):
+            return score + self.bias[kv_idx]
+
     m = Bias()
-    first, _ = check(q, k, v, m.score_mod)
+
+    def mod():
+        return m.score_mod if form == "bound_method" else m
+
+    first, _ = check(q, k, v, mod())
     plans = D.stats["plans"]
-    check(q, k, v, m.score_mod)
+    check(q, k, v, mod())
     assert D.stats["plans"] == plans
     m.bias = torch.linspace(-4.0, 4.0, 67)
-    second, _ = check(q, k, v, m.score_mod)
+    second, _ = check(q, k, v, mod())
+    assert (first - second).abs().max() > 1e-2
+
+
+def test_module_called_as_a_mod_sees_a_changed_number():
+    # Module.__call__ hands self to its hooks, so the plan key cannot see what forward reads: such
+    # a mod is planned at every call
+    q, k, v = make_inputs((1, 4, 2, 1, 67, 32, 32), torch.float16, "cpu")
+
+    class Softcap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cap = 20.0
+
+        def forward(self, score, b, h, q_idx, kv_idx):
+            return self.cap * torch.tanh(score / self.cap)
+
+    m = Softcap()
+    first, _ = check(q, k, v, m)
+    m.cap = 0.5
+    second, _ = check(q, k, v, m)
     assert (first - second).abs().max() > 1e-2
 
 

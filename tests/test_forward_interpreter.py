@@ -308,19 +308,26 @@ def test_mods_as_bound_methods_and_callable_objects():
         assert_close_to_reference(out, ref, low, torch.float32, "out")
 
 
-def test_bound_method_mod_takes_the_fast_path_and_sees_a_rebound_attribute():
+class _CallableMods(_ModuleMods):
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return self.score_mod(score, b, h, q_idx, kv_idx)
+
+
+@pytest.mark.parametrize("form", ["bound_method", "callable_object"])
+def test_method_mod_takes_the_fast_path_and_sees_a_rebound_attribute(form):
     # self.score_mod is a new bound object at every access: the plan cache finds it again by its
     # function and instance, its print is reused without running it, and a rebound attribute (a new
-    # tensor, a new scalar) reprints it
+    # tensor, a new scalar) reprints it; a callable object's __call__ is such a method
     from inductor_flex import kernel as K
 
     L = 29
     q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu")
-    m = _ModuleMods(L)
+    m = _CallableMods(L)
 
     def check():
-        out = flex_attention(q, k, v, score_mod=m.score_mod, kernel_options=TRITON)
-        ref, _, _ = math_attention(q.double(), k.double(), v.double(), m.score_mod)
+        mod = m.score_mod if form == "bound_method" else m
+        out = flex_attention(q, k, v, score_mod=mod, kernel_options=TRITON)
+        ref, _, _ = math_attention(q.double(), k.double(), v.double(), mod)
         assert (out.double() - ref).abs().max() < 1e-5
         return out
 
@@ -335,6 +342,33 @@ def test_bound_method_mod_takes_the_fast_path_and_sees_a_rebound_attribute():
         m.cap = 2.0
         assert (check() - second).abs().max() > 1e-3
         assert len(calls) == 2
+
+
+class _SoftcapModule(torch.nn.Module):
+    def __init__(self, L: int):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.randn(L))
+        self.cap = 20.0
+
+    def forward(self, score, b, h, q_idx, kv_idx):
+        return self.cap * torch.tanh((score + self.bias[kv_idx]) / self.cap)
+
+
+def test_module_called_as_a_mod_sees_a_changed_number():
+    # an nn.Module passed as the score_mod is called through Module.__call__, which hands self to
+    # its hooks: what it reaches cannot be walked, so it is printed at every call, and a changed
+    # number (baked into the print) is seen
+    L = 29
+    q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu")
+    m = _SoftcapModule(L)
+    outs = []
+    for cap in (20.0, 20.0, 1.0):
+        m.cap = cap
+        out = flex_attention(q, k, v, score_mod=m, kernel_options=TRITON)
+        ref, _, _ = math_attention(q.double(), k.double(), v.double(), m)
+        assert (out.double() - ref).abs().max() < 1e-5
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and (outs[2] - outs[1]).abs().max() > 1e-2
 
 
 def test_slow_path_print_sees_a_changed_global_scalar():
