@@ -298,6 +298,23 @@ def _printed_mod(fn: Optional[Callable], kind: str, device: torch.device, fast_t
     return _printed_mod_slow(fn, kind, device, fast_tanh)
 
 
+_warned_unkeyed: set = set()
+
+
+def _warn_unkeyed(fn: Callable, kind: str) -> None:
+    what = getattr(fn, "__code__", None) or type(fn)
+    if what in _warned_unkeyed:
+        return
+    _warned_unkeyed.add(what)
+    import warnings
+
+    warnings.warn(
+        f"inductor_flex: {kind} '{mod_name(fn)}' reaches objects its code does not name (an nn.Module given as the "
+        f"mod hands self to its hooks; a method passing self on): it is traced again at every eager call, which "
+        f"costs milliseconds of host time. Pass a plain function or a method such as module.forward.",
+        stacklevel=4)
+
+
 def _printed_mod_slow(fn: Callable, kind: str, device: torch.device, fast_tanh: bool) -> PrintedMod:
     # the tensors the mod reads right now; a cached print is reused only if they are the same objects
     idx = [torch.zeros((), dtype=torch.int32, device=device) for _ in range(4)]
@@ -329,6 +346,8 @@ def _printed_mod_slow(fn: Callable, kind: str, device: torch.device, fast_tanh: 
         any(c is t for t in live) for c in cached.tensors)
     if same_tensors and reach is not None:
         return cached
+    if reach is None:
+        _warn_unkeyed(fn, kind)
     printed = print_mod(fn, kind, device, fast_tanh)
     # what a mod reaches unseen (an nn.Module called as the mod passes self to its hooks) may hold
     # the numbers a print bakes in: printed again at every call, the cached print kept while equal

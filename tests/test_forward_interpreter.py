@@ -362,6 +362,8 @@ def test_module_called_as_a_mod_sees_a_changed_number():
     q, k, v = make_inputs((1, 2, 2, L, L, 16, 16), torch.float32, "cpu")
     m = _SoftcapModule(L)
     outs = []
+    with pytest.warns(UserWarning, match="traced again at every eager call"):
+        flex_attention(q, k, v, score_mod=m, kernel_options=TRITON)
     for cap in (20.0, 20.0, 1.0):
         m.cap = cap
         out = flex_attention(q, k, v, score_mod=m, kernel_options=TRITON)
