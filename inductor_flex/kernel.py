@@ -107,9 +107,11 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
     # (the walked objects stay referenced until the walk ends: a bound method got from an attribute
     # is a new object, and a freed one's id could come back for another)
     seen = {} if seen is None else seen
-    if id(fn) in seen:
+    # (a method by its function and instance: self.a calling self.b calling self.a ends here)
+    ident = (id(fn.__func__), id(fn.__self__)) if isinstance(fn, types.MethodType) else id(fn)
+    if ident in seen:
         return (), ()
-    seen[id(fn)] = fn
+    seen[ident] = fn
     if isinstance(fn, functools.partial) and depth <= 6:
         inner = _fingerprint(fn.func, depth + 1, seen, opaque_ok)
         if inner is None:
