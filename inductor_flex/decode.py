@@ -57,7 +57,7 @@ stats = {"plans": 0, "plan_hits": 0, "renders": 0}
 
 
 # ---- plan cache key: what a mod reads, without running it --------------------------------------
-def _fingerprint(obj, depth: int = 0):
+def _fingerprint(obj, depth: int = 0, objs: Optional[list] = None):
     """Hashable summary of a mod: the function, its closure values (tensors by identity, scalars by
     value, nested mods recursively) and the globals / attributes its code names."""
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -65,15 +65,17 @@ def _fingerprint(obj, depth: int = 0):
     if isinstance(obj, torch.Tensor):
         return ("tensor", id(obj))
     if depth > 4:
-        return ("obj", id(obj))
+        return _object_entry(obj, objs)
     if isinstance(obj, (list, tuple)):
         const = _constant(obj)
         if const is not None:  # a list of constants by its contents: the print bakes them in
             return const
+        if len(obj) <= 64:  # the mods a combinator holds (and_masks / or_masks)
+            return ("seq", type(obj).__name__, tuple(_fingerprint(x, depth + 1, objs) for x in obj))
     deps = getattr(obj, STATIC_MOD_DEPS, None) if isinstance(obj, types.FunctionType) else None
     if deps is not None:
         # a mod marked fixed (paged.py's wrappers, noop_mask): itself, and the mods it wraps
-        return ("static", obj, tuple(_fingerprint(d, depth + 1) for d in deps))
+        return ("static", obj, tuple(_fingerprint(d, depth + 1, objs) for d in deps))
     if isinstance(obj, types.MethodType) or _call_method(obj) is not None:
         # a module's self.score_mod, a callable object: what the forward's print cache walks (the
         # attributes of self its code names, the methods among them); where that meets an object
@@ -83,12 +85,12 @@ def _fingerprint(obj, depth: int = 0):
             return ("unkeyed", next(_unkeyed))
         return ("method", fp[0], tuple(id(t) for t in fp[1]))
     if isinstance(obj, functools.partial):
-        return ("partial", _fingerprint(obj.func, depth + 1),
-                tuple(_fingerprint(a, depth + 1) for a in obj.args),
-                tuple((k, _fingerprint(v, depth + 1)) for k, v in sorted(obj.keywords.items())))
+        return ("partial", _fingerprint(obj.func, depth + 1, objs),
+                tuple(_fingerprint(a, depth + 1, objs) for a in obj.args),
+                tuple((k, _fingerprint(v, depth + 1, objs)) for k, v in sorted(obj.keywords.items())))
     code = getattr(obj, "__code__", None)
     if code is None:
-        return ("obj", id(obj))
+        return _object_entry(obj, objs)
     parts: list = [obj]
     for cell in getattr(obj, "__closure__", None) or ():
         try:
@@ -96,19 +98,51 @@ def _fingerprint(obj, depth: int = 0):
         except ValueError:
             parts.append(("empty",))
             continue
-        parts.append(_fingerprint(value, depth + 1))
+        parts.append(_fingerprint(value, depth + 1, objs))
         if not isinstance(value, (torch.Tensor, types.FunctionType, bool, int, float, str)):
             parts.append(_attributes(value, code.co_names))
     glb = getattr(obj, "__globals__", {})
     for name in code.co_names:
         if name in glb:
             value = glb[name]
-            parts.append(_fingerprint(value, depth + 1) if isinstance(value, types.FunctionType)
-                         else (name, id(value)))
+            parts.append(_fingerprint(value, depth + 1, objs) if isinstance(value, types.FunctionType)
+                         else _object_entry(value, objs) if _is_object(value) else (name, id(value)))
             if not isinstance(value, types.ModuleType):
                 # e.g. Holder.bias replaced by a new tensor
                 parts.append(_attributes(value, code.co_names))
     return tuple(parts)
+
+
+def _object_entry(obj, objs: Optional[list]) -> tuple:
+    if objs is not None:
+        objs.append(obj)
+    return ("obj", id(obj))
+
+
+def _plan_key(mod):
+    """_fingerprint of a mod; where it meets an object (keyed there by the attributes the mod's own
+    code names), also the print cache's key, which holds the numbers behind every name any code of
+    the walk reads (a helper reading cfg.scale off an object the mod hands it), or a key of its own
+    (planned per call) where that cannot be had."""
+    objs: list = []
+    fp = _fingerprint(mod, 0, objs)
+    if not objs:
+        return fp
+    reach = _method_fingerprint(mod, opaque_ok=True)
+    if reach is None:
+        return ("unkeyed", next(_unkeyed))
+    return (fp, reach[0], tuple(id(t) for t in reach[1]))
+
+
+def _is_object(v) -> bool:
+    """Whether a global a mod names may hold numbers a helper reads off it (a user's object or
+    class), as opposed to a number, tensor, function, module or one of torch's callables."""
+    if v is None or isinstance(v, (bool, int, float, str, torch.Tensor, torch.dtype, types.FunctionType,
+                                   types.ModuleType, functools.partial)):
+        return False
+    if isinstance(v, (list, tuple)):
+        return _constant(v) is None
+    return not (callable(v) and (getattr(v, "__module__", None) or "").startswith("torch"))
 
 
 def _attributes(obj, names) -> tuple:
@@ -234,7 +268,7 @@ def get_plan(query, key, value, score_mod, block_mask: Optional[BlockMask], opts
     block_size = block_mask.BLOCK_SIZE if block_mask is not None else (128, 128)
     mask_heads = block_mask.kv_num_blocks.shape[1] if block_mask is not None else 1
     k = (
-        _fingerprint(score_mod), _fingerprint(mask_mod), tuple(query.shape), tuple(key.shape),
+        _plan_key(score_mod), _plan_key(mask_mod), tuple(query.shape), tuple(key.shape),
         tuple(value.shape), query.dtype, query.device, block_size, mask_heads, _interpreting(),
         tuple(sorted(opts.items())), block_mask is None,
     )

@@ -102,11 +102,50 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
     """(scalars, tensors) everything ``fn`` can read: its closure cells, the globals its code names,
     and the same of the functions among them. None when something opaque is reachable (an object
     whose attributes might hold tensors), in which case the mod must be run to see what it reads;
-    with opaque_ok such an object adds the constants its attributes named in the code hold instead
-    (the key of a print found by running the mod)."""
+    with opaque_ok such an object adds the constants held by its attributes that any code of the
+    walk names instead (the key of a print found by running the mod: a helper may read cfg.scale
+    off an object the mod hands it)."""
+    if seen is not None:
+        return _fingerprint_walk(fn, depth, seen, opaque_ok)
     # (the walked objects stay referenced until the walk ends: a bound method got from an attribute
     # is a new object, and a freed one's id could come back for another)
-    seen = {} if seen is None else seen
+    seen = {_NAMES: set(), _OPAQUE: []}
+    out = _fingerprint_walk(fn, depth, seen, opaque_ok)
+    if out is None or not seen[_OPAQUE]:
+        return out
+    keys = _opaque_keys(seen[_OPAQUE], sorted(seen[_NAMES]))
+    return None if keys is None else ((*out[0], ("opaque", keys)), out[1])
+
+
+_NAMES, _OPAQUE = object(), object()  # (seen's entries: every name a walked code reads, the opaque objects)
+
+
+def _opaque_keys(objs: list, names: list, depth: int = 0) -> Optional[tuple]:
+    """The numbers (and lists of numbers) held by the opaque objects' attributes of these names, and
+    by the objects those attributes hold, a few levels down; None when reading one raises."""
+    keys = []
+    for obj in objs:
+        attrs = []
+        for name in names:
+            try:
+                v = getattr(obj, name, None)
+            except Exception:  # noqa: BLE001 - a property that raises: no key, the mod is reprinted
+                return None
+            if v is None or isinstance(v, (torch.Tensor, type(torch))) or callable(v):
+                continue  # tensors are found by running the mod; functions are walked or torch's
+            key = _value_key(v)
+            if key is _NOT_PLAIN:
+                if depth >= 2:
+                    continue
+                key = _opaque_keys([v], names, depth + 1)
+                if key is None:
+                    return None
+            attrs.append((name, key))
+        keys.append((id(obj), tuple(attrs)))
+    return tuple(keys)
+
+
+def _fingerprint_walk(fn, depth: int, seen: dict, opaque_ok: bool) -> Optional[tuple]:
     # (a method by its function and instance: self.a calling self.b calling self.a ends here)
     ident = (id(fn.__func__), id(fn.__self__)) if isinstance(fn, types.MethodType) else id(fn)
     if ident in seen:
@@ -142,13 +181,15 @@ def _fingerprint(fn, depth: int = 0, seen=None, opaque_ok: bool = False) -> Opti
     glb = getattr(fn, "__globals__", {})
     codes = [code] + [c for c in code.co_consts if hasattr(c, "co_names")]
     for co in codes:
+        seen[_NAMES].update(co.co_names)
+    for co in codes:
         for name in co.co_names:
             if name in glb and not isinstance(glb[name], type(torch)):
                 values.append(glb[name])
-    return _fingerprint_values([(None, v) for v in values], codes, depth, seen, opaque_ok)
+    return _fingerprint_values([(None, v) for v in values], depth, seen, opaque_ok)
 
 
-def _fingerprint_values(named, codes, depth: int, seen: dict, opaque_ok: bool) -> Optional[tuple]:
+def _fingerprint_values(named, depth: int, seen: dict, opaque_ok: bool) -> Optional[tuple]:
     """(scalars, tensors) of the (name, value) pairs a mod's code reaches (closure cells and globals
     unnamed, attributes of self by name)."""
     scalars, tensors = [], []
@@ -161,14 +202,9 @@ def _fingerprint_values(named, codes, depth: int, seen: dict, opaque_ok: bool) -
             tensors.extend(sub[1])
         elif not isinstance(v, type) and callable(v) and (getattr(v, "__module__", None) or "").startswith("torch"):
             continue  # torch's own functions hold no tensors of the caller's (classes may: not exempt)
-        elif opaque_ok:
-            attrs = []
-            for co in codes:
-                for attr in co.co_names:
-                    key = _value_key(getattr(v, attr, None))
-                    if key is not _NOT_PLAIN:
-                        attrs.append((attr, key))
-            scalars.append(("obj", name, id(v), tuple(attrs)))
+        elif opaque_ok:  # keyed at the end of the walk by every name its codes read (_opaque_keys)
+            seen[_OPAQUE].append(v)
+            scalars.append(("obj", name, id(v)))
         else:
             return None
     return tuple(scalars), tuple(tensors)
@@ -244,8 +280,7 @@ def _fingerprint_method(fn, owner, depth: int, seen: dict, opaque_ok: bool) -> O
         named = [(n, getattr(owner, n, None)) for n in names]
     except Exception:  # noqa: BLE001 - a property that raises: run the mod instead
         return None
-    codes = [code] + [c for c in code.co_consts if hasattr(c, "co_names")]
-    attrs = _fingerprint_values(named, codes, depth, seen, opaque_ok)
+    attrs = _fingerprint_values(named, depth, seen, opaque_ok)
     if attrs is None:
         return None
     return ("self", type(owner).__qualname__, *inner[0], *attrs[0]), (*inner[1], *attrs[1])

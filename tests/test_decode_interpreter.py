@@ -163,6 +163,34 @@ def test_module_called_as_a_mod_sees_a_changed_number():
     assert (first - second).abs().max() > 1e-2
 
 
+def test_number_a_helper_reads_off_a_passed_object_gets_a_new_plan():
+    # the mod hands a global object to a helper that reads cfg.scale: a name only the helper's code
+    # holds, so the plan key takes the print cache's key, which covers it
+    q, k, v = make_inputs((1, 4, 2, 1, 67, 32, 32), torch.float16, "cpu")
+    first, _ = check(q, k, v, _scaled_by_cfg)
+    _CFG.scale = 0.1
+    try:
+        second, _ = check(q, k, v, _scaled_by_cfg)
+    finally:
+        _CFG.scale = 2.0
+    assert (first - second).abs().max() > 1e-2
+
+
+class _Cfg:
+    scale = 2.0
+
+
+_CFG = _Cfg()
+
+
+def _scale_with(cfg, score):
+    return score * cfg.scale
+
+
+def _scaled_by_cfg(score, b, h, q_idx, kv_idx):
+    return _scale_with(_CFG, score)
+
+
 def test_per_head_block_mask_is_not_packed():
     # a BlockMask that differs per query head: each program takes one head
     Hq, Hkv, Lq, Lkv = 8, 2, 2, 131

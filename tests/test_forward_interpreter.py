@@ -404,6 +404,33 @@ def test_slow_path_print_sees_a_changed_global_scalar():
 _GLOBAL_SCALE = [1.0]
 
 
+def test_slow_path_print_sees_numbers_a_helper_reads_off_a_passed_object():
+    # the mod hands an object to a helper that reads cfg.scale and cfg.inner.shift: names only the
+    # helper's code holds, one of them a level down; a changed number must reprint the mod
+    q, k, v = make_inputs((1, 1, 1, 19, 19, 16, 16), torch.float32, "cpu")
+
+    class Box:
+        pass
+
+    cfg, cfg.inner = Box(), Box()
+    cfg.scale, cfg.inner.shift, cfg.w = 1.0, 0.0, torch.randn(19)
+
+    def helper(c, score, kv_idx):
+        return score * c.scale + c.w[kv_idx] + c.inner.shift * kv_idx
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return helper(cfg, score, kv_idx)
+
+    outs = []
+    for scale, shift in ((1.0, 0.0), (0.1, 0.0), (0.1, 0.2)):
+        cfg.scale, cfg.inner.shift = scale, shift
+        out = flex_attention(q, k, v, score_mod=mod, kernel_options=TRITON)
+        ref, _, _ = math_attention(q.double(), k.double(), v.double(), mod)
+        assert (out.double() - ref).abs().max() < 1e-5
+        outs.append(out)
+    assert (outs[0] - outs[1]).abs().max() > 1e-3 and (outs[1] - outs[2]).abs().max() > 1e-3
+
+
 def test_printed_mask_loads_each_captured_value_once():
     """The printer reuses repeated expressions: a document mask reads ids[q_idx] and ids[kv_idx]
     once each (the traced graph indexes them twice), and the never-negative q_idx / kv_idx index
