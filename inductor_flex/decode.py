@@ -28,7 +28,7 @@ from .mods import STATIC_MOD_DEPS
 from .kernel import (
     _block_mask_args, _call_method, _constant, _default_block_mask, _fingerprint as _method_fingerprint,
     _printed_mod, interpreter_enabled, load_module,
-    template_hooks, use_tma,
+    template_hooks, torch_callable, use_tma,
 )
 from .printer import PrintedMod
 from .validation import use_fast_tanh
@@ -142,7 +142,7 @@ def _is_object(v) -> bool:
         return False
     if isinstance(v, (list, tuple)):
         return _constant(v) is None
-    return not (callable(v) and (getattr(v, "__module__", None) or "").startswith("torch"))
+    return not torch_callable(v)
 
 
 def _attributes(obj, names) -> tuple:

@@ -200,7 +200,7 @@ def _fingerprint_values(named, depth: int, seen: dict, opaque_ok: bool) -> Optio
         if sub is not _UNWALKED:
             scalars.append(sub[0] if name is None else (name, sub[0]))
             tensors.extend(sub[1])
-        elif not isinstance(v, type) and callable(v) and (getattr(v, "__module__", None) or "").startswith("torch"):
+        elif not isinstance(v, type) and torch_callable(v):
             continue  # torch's own functions hold no tensors of the caller's (classes may: not exempt)
         elif opaque_ok:  # keyed at the end of the walk by every name its codes read (_opaque_keys)
             seen[_OPAQUE].append(v)
@@ -208,6 +208,11 @@ def _fingerprint_values(named, depth: int, seen: dict, opaque_ok: bool) -> Optio
         else:
             return None
     return tuple(scalars), tuple(tensors)
+
+
+def torch_callable(v) -> bool:
+    """One of torch's functions or classes (no tensors of the caller's behind a function of it)."""
+    return callable(v) and (getattr(v, "__module__", None) or "").startswith("torch")
 
 
 def _call_method(obj):
