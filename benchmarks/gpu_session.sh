@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_session.sh attn4096              # second call: the D=128 S=4096 table
 #   bash benchmarks/gpu_session.sh attn1024g attn16384   # third call
 #
-# Stages: suite (pytest -m gpu, ~4 min), decode (~2.5 min), host (~1 min, eager decode and paged
+# Stages: suite (pytest -m gpu, ~4 min; its file names the commit, gpu_suite_<sha>), decode (~2.5 min), host (~1 min, eager decode and paged
 # host time under cProfile, one file), attn4096 (~7 min), attn1024g (~4 min,
 # graphed), attn16384 (~3 min), d64 (~4 min). The device tool returns at most 8 files per call:
 # suite + decode + host make 8.
@@ -27,7 +27,7 @@ run() {  # run <stage> <seconds> <command...>
 }
 for stage in "$@"; do
   case $stage in
-    suite) run suite 330 bash -c "cd tests && python -m pytest . -m gpu -n 8 --dist load -p no:logging -q --tb=short" ;;
+    suite) run "gpu_suite_$(git rev-parse --short HEAD 2>/dev/null || echo nogit)" 330 bash -c "cd tests && python -m pytest . -m gpu -n 8 --dist load -p no:logging -q --tb=short" ;;
     decode) run decode_rotate 200 python benchmarks/bench_decode.py --out "$OUT/${TAG}_decode_rotate.json"
             run decode_flush 70 python benchmarks/bench_decode.py --l2 flush --seqs 8192,65536 --out "$OUT/${TAG}_decode_flush.json" ;;
     host) run profile_host 120 bash -c "python benchmarks/profile_host.py --case decode --top 25 &&
