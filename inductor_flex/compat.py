@@ -440,3 +440,27 @@ def dynamo_input_value(vt):
         return None
     fake = _private("torch._subclasses.fake_tensor", "is_fake", "fake-tensor check")
     return value if isinstance(value, torch.Tensor) and not fake(value) else None
+
+
+_gluon_ready = None
+
+
+def gluon_hopper_ready() -> bool:
+    """Whether this Triton has Gluon with Hopper's warpgroup MMA, TMA and warp_specialize taking a
+    list of (partition, args) (Triton 3.6 on; earlier Gluon took them apart), as
+    templates/flex_forward_gluon.py is written against. Gluon is experimental Triton API."""
+    global _gluon_ready
+    if _gluon_ready is None:
+        try:
+            import inspect
+
+            from triton.experimental.gluon import language as gl
+            from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: F401
+                mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+            from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+
+            params = list(inspect.signature(gl.warp_specialize).parameters)
+            _gluon_ready = bool(params) and params[0] == "functions_and_args"
+        except Exception:  # noqa: BLE001 - no Gluon, or another shape of it
+            _gluon_ready = False
+    return _gluon_ready

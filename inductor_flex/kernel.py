@@ -27,7 +27,7 @@ from .block_mask import (
     FINE_BLOCK, PINNED_TILES, BlockMask, _from_maps, _refined_maps, block_runs, create_block_mask, refinable,
     refinement_pays, union_run,
 )
-from . import compat
+from . import compat, gluon_forward
 from .launch import launch as launch_kernel
 from .mods import FlexModError, TensorIndexMode, explain_mod_error, mod_name, noop_mask
 from .printer import HELPERS, PrintedMod, identity_mod, print_mod
@@ -549,6 +549,9 @@ class ForwardPlan:
     # generic kernels unless __init__ decides otherwise; the shells lowering/kernel_op.py builds
     # keep this (one traced graph serves every length under dynamic shapes)
     specialized = False
+    # 'dense' / 'causal' where the hand-scheduled Gluon kernel serves the calls (gluon_forward.py);
+    # the shells keep None
+    gluon = None
 
     def __init__(self, query, key, value, score_mod, block_mask, scale, opts):
         self.device = query.device
@@ -594,6 +597,7 @@ class ForwardPlan:
                     f"kernel_options BLOCK_M={self.pinned.BLOCK_M}, BLOCK_N={self.pinned.BLOCK_N} must divide the "
                     f"BlockMask's BLOCK_SIZE {self.block_mask.BLOCK_SIZE}"
                 )
+        self.gluon = gluon_forward.plan_mode(self, query, key, value)
 
     def _render(self, query, value) -> str:
         sm, mm = self.score, self.mask
@@ -914,6 +918,10 @@ def run_forward(plan: ForwardPlan, query, key, value, out=None):
         grid, args, constexprs = forward_launch(plan, query, key, value, out, lse, mx, cfg)
         launch_kernel(module.flex_fwd_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages, plan.interpret)
 
+    if plan.gluon is not None and gluon_forward.launchable(query, key, value, out):
+        gluon_forward.launch(query, key, value, out, lse, mx, plan.scale, plan.gluon == "causal")
+        plan.config = "gluon"
+        return out, lse, mx
     cfg = plan.pinned or _pick_config(plan, launch, query, key, value)
     launch(cfg)
     plan.config = cfg

@@ -38,6 +38,9 @@ KNOWN_KERNEL_OPTIONS = {
     "USE_TMA": bool,
     # warp-specialized forward configs (Hopper): False never, True only them, absent: autotuning picks
     "WARP_SPECIALIZE": bool,
+    # the hand-scheduled Gluon forward for dense and causal calls without a score_mod (Hopper;
+    # gluon_forward.py): False never, absent where it applies
+    "GLUON": bool,
     # the forward walks a BlockMask whose kv blocks form runs (causal, prefix-LM) with no index
     # loads, in one loop the warp-specialized config can take (default on; block_mask.block_runs)
     "KV_RUNS": bool,
@@ -73,6 +76,7 @@ class FlexKernelOptions(TypedDict, total=False):
     SPECIALIZE_LAYOUT: bool
     USE_TMA: bool
     WARP_SPECIALIZE: bool
+    GLUON: bool
     KV_RUNS: bool
     SEPARABLE_SCORE_MOD: bool
     FORCE_USE_FLEX_ATTENTION: bool
@@ -98,7 +102,8 @@ COMPAT_KERNEL_OPTIONS = {
 }
 
 # keys one pass reads: PyTorch's "fwd_" / "bwd_" prefixes apply a value to that pass only
-FORWARD_ONLY_OPTIONS = ("BLOCK_M", "BLOCK_N", "SPLIT_KV", "USE_TMA", "WARP_SPECIALIZE", "FORCE_USE_FLEX_ATTENTION")
+FORWARD_ONLY_OPTIONS = ("BLOCK_M", "BLOCK_N", "SPLIT_KV", "USE_TMA", "WARP_SPECIALIZE", "GLUON",
+                        "FORCE_USE_FLEX_ATTENTION")
 BACKWARD_ONLY_OPTIONS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "FUSED_DQ", "DETERMINISTIC")
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 # the backward's num_warps / num_stages after validation (0: its default): apart from the forward's,

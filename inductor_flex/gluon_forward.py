@@ -1,0 +1,146 @@
+"""When the eager forward runs the hand-scheduled Gluon kernel (templates/flex_forward_gluon.py), and
+how it is launched.
+
+The kernel has no score_mod / mask_mod hooks: it serves the two calls cuDNN and FlashAttention-3
+are measured on, no BlockMask (dense) and a causal one, for 16-bit inputs with head dim 64 or 128,
+equal query and key lengths that are multiples of 128, on a Hopper GPU whose Triton has Gluon's
+warp specialization, from the lengths where it measured faster than the template (MIN_LEN; any
+length with kernel_options GLUON=True). Every other call, and any call with GLUON=False or a pinned
+tile config, takes the Jinja template as before.
+
+A BlockMask counts as causal when its blocks are 128 x 128, its partial blocks are exactly the
+diagonal, its full blocks exactly the blocks below it, and its mask_mod on the diagonal blocks is
+q >= kv for every (batch, head) of the call: then the template would compute the same thing, and
+this kernel does so with the diagonal masked by q >= kv and the rest unmasked.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import compat
+
+TILE = 128
+# mask_mod evaluations spent recognising a causal BlockMask, at most (batch x heads x S x 128)
+_MAX_CHECK = 1 << 28
+
+
+def available(device: torch.device) -> bool:
+    return device.type == "cuda" and compat.gluon_hopper_ready() and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def is_causal_block_mask(block_mask, B: int, Hq: int, S: int) -> bool:
+    """Whether the kernel's causal mode computes exactly what this BlockMask asks for (module doc)."""
+    from .mods import eval_mask_blocks
+
+    if tuple(block_mask.BLOCK_SIZE) != (TILE, TILE) or tuple(block_mask.seq_lengths) != (S, S):
+        return False
+    if block_mask.full_kv_num_blocks is None:
+        return False
+    n = S // TILE
+    dev = block_mask.kv_num_blocks.device
+    i = torch.arange(n, device=dev)
+    num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+    fnum, fidx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
+    if num.shape[-1] != n or fnum.shape[-1] != n:
+        return False
+    if not (bool((num == 1).all()) and bool((idx[..., :n, 0] == i).all()) and bool((fnum == i).all())):
+        return False
+    below = i[None, :] < i[:, None]  # (row, slot): slot j < row i holds block j
+    if not bool(((fidx[..., :n, :n] == i[None, :]) | ~below).all()):
+        return False
+    if B * Hq * S * TILE > _MAX_CHECK:
+        return False
+    b = torch.arange(B, device=dev).repeat_interleave(Hq * n)
+    h = torch.arange(Hq, device=dev).repeat_interleave(n).repeat(B)
+    blk = i.repeat(B * Hq)
+    q = blk[:, None] * TILE + torch.arange(TILE, device=dev)[None, :]
+    got = eval_mask_blocks(block_mask.mask_mod, b, h, q, q)
+    want = torch.ones(TILE, TILE, dtype=torch.bool, device=dev).tril()
+    return bool((got == want).all())
+
+
+# by default the kernel runs from these lengths on (head dim -> L), where it measured faster than the
+# template (H200, bf16, H=16, B*L = 16384: D=128 from L=1024, 1.27x / 1.17x noop / causal; D=64
+# slower at L=1024, 0.92x / 0.83x, faster from L=4096, 1.07x / 1.05x; results/h200_2026-11-29_gluon_probe.json).
+# kernel_options GLUON=True runs it at any length it serves
+MIN_LEN = {64: 4096, 128: 1024}
+
+
+def plan_mode(plan, query, key, value) -> Optional[str]:
+    """'dense', 'causal' or None (the template) for a ForwardPlan's calls of this signature."""
+    opts = plan.opts
+    flag = opts.get("GLUON")
+    if flag is False or plan.pinned is not None or plan.interpret:
+        return None
+    if not available(query.device) or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    B, Hq, Lq, E = query.shape
+    Lkv, Ev = key.shape[2], value.shape[-1]
+    if E != Ev or E not in (64, 128) or Lq != Lkv or Lq % TILE or plan.has_score_mod or not plan.scale > 0:
+        return None
+    if flag is not True and Lq < MIN_LEN[E]:
+        return None
+    if plan.user_block_mask is None:
+        return "dense"
+    if plan.mask.tensors:  # a captured tensor can change in place after this check
+        return None
+    return "causal" if is_causal_block_mask(plan.user_block_mask, B, Hq, Lq) else None
+
+
+def launchable(query, key, value, out) -> bool:
+    """The call's tensors as the kernel reads them: (B*H*L, D) row matrices through TMA."""
+    from .kernel import rows_layout, tma_eligible
+
+    return (out.dtype == query.dtype and out.is_contiguous()
+            and all(tma_eligible(t) and rows_layout(t) for t in (query, key, value)))
+
+
+def _desc(t: torch.Tensor, block):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    B, H, L, D = t.shape
+    rows = B * H * L
+    el = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for(block, el)
+    # rows_layout: row (b * H + h) * L + m of the matrix sits at that many row strides from the base
+    return TensorDescriptor(t, [rows, D], [t.stride(2), 1], block, layout)
+
+
+def launch(query, key, value, out, lse, mx, scale: float, causal: bool) -> None:
+    from inductor_flex.templates import flex_forward_gluon as K
+
+    B, Hq, L, D = query.shape
+    Hkv = key.shape[1]
+    K.flex_fwd_gluon[(L // K.BLOCK_M, B * Hq)](
+        _desc(query, [K.HALF_M, D]), _desc(key, [K.BLOCK_N, D]), _desc(value, [K.BLOCK_N, D]),
+        _desc(out, [K.HALF_M, D]), lse, mx, scale * math.log2(math.e), L, Hq, Hq // Hkv,
+        causal, K.NUM_STAGES, num_warps=4, maxnreg=K.MAXNREG)
+
+
+def cross_compile(causal: bool, head_dim: int, dtype: torch.dtype = torch.bfloat16, arch: int = 90):
+    """The kernel built to cubin for sm_<arch> with no GPU (CI's check that every mode compiles for
+    Hopper): its signature written out as Triton's launcher would specialize it. Run in a process
+    without TRITON_INTERPRET."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from inductor_flex.templates import flex_forward_gluon as K
+
+    el, name = (gl.float16, "fp16") if dtype == torch.float16 else (gl.bfloat16, "bf16")
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], el)
+        return f"tensordesc<{name}[{rows}, {head_dim}],{layout!r}>"
+
+    sig = {"q_desc": desc(K.HALF_M), "k_desc": desc(K.BLOCK_N), "v_desc": desc(K.BLOCK_N), "o_desc": desc(K.HALF_M),
+           "LSE": "*fp32", "MAX": "*fp32", "qk_scale": "fp32", "seq_len": "i32", "HQ": "i32", "GROUP": "i32",
+           "CAUSAL": "constexpr", "STAGES": "constexpr"}
+    src = GluonASTSource(K.flex_fwd_gluon, sig, constexprs={"CAUSAL": causal, "STAGES": K.NUM_STAGES})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "maxnreg": K.MAXNREG})
+

@@ -1,0 +1,128 @@
+"""GPU suite (Hopper): the hand-scheduled Gluon forward (templates/flex_forward_gluon.py) against the
+float64 reference, forward and backward, and the calls that must stay on the Jinja template."""
+import pytest
+import torch
+
+from inductor_flex import AuxRequest, create_block_mask, flex_attention
+from inductor_flex import gluon_forward as G
+from inductor_flex import kernel as K
+from inductor_flex.reference import math_attention
+from inductor_flex.validation import validate_kernel_options
+from inductor_flex.variants import generate_causal_mask
+
+from cases import make_inputs
+from conftest import assert_close_to_reference
+from test_backward_interpreter import TRITON, check_backward
+
+pytestmark = pytest.mark.gpu
+
+# (B, Hq, Hkv, L, L, D, D): one kv tile, several, GQA, odd batch/head counts
+SHAPES = {
+    "B3_H2_L128": (3, 2, 2, 128, 128, 128, 128),
+    "B2_H4_L384": (2, 4, 4, 384, 384, 128, 128),
+    "gqa8x2_L1024": (1, 8, 2, 1024, 1024, 128, 128),
+    "B2_H3_L640_D64": (2, 3, 3, 640, 640, 64, 64),
+    "gqa4x1_L256_D64": (2, 4, 1, 256, 256, 64, 64),
+}
+
+
+ON = {"GLUON": True}  # at any length it serves (by default from gluon_forward.MIN_LEN on)
+
+
+def _needs_gluon():
+    if not G.available(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU and a Triton with Gluon's warp specialization")
+
+
+def _plan(q, k, v, block_mask, opts=None):
+    return K.cached_plan(q, k, v, None, block_mask, None, validate_kernel_options(opts))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("mode", ["dense", "causal"])
+def test_gluon_forward_matches_reference(mode, shape, dtype):
+    _needs_gluon()
+    B, Hq, Hkv, L, _, D, _ = shape
+    q, k, v = make_inputs(shape, dtype, "cuda")
+    bm = create_block_mask(generate_causal_mask(), None, None, L, L, device="cuda") if mode == "causal" else None
+    out, aux = flex_attention(q, k, v, block_mask=bm, enable_gqa=Hq != Hkv,
+                              return_aux=AuxRequest(lse=True, max_scores=True), kernel_options=ON)
+    plan = _plan(q, k, v, bm, ON)
+    assert plan.gluon == mode and plan.config == "gluon"
+    ref_out, ref_lse, ref_max = math_attention(q.double(), k.double(), v.double(), None, bm)
+    low_out, low_lse, low_max = math_attention(q, k, v, None, bm)
+    assert_close_to_reference(out, ref_out, low_out, dtype, "out")
+    assert_close_to_reference(aux.lse, ref_lse, low_lse, dtype, "lse")
+    assert_close_to_reference(aux.max_scores, ref_max, low_max, dtype, "max_scores")
+    # the template on the same call: the same answer within the same criterion
+    tmpl = flex_attention(q, k, v, block_mask=bm, enable_gqa=Hq != Hkv, kernel_options={"GLUON": False})
+    assert _plan(q, k, v, bm, {"GLUON": False}).gluon is None
+    assert_close_to_reference(tmpl, ref_out, low_out, dtype, "template out")
+
+
+@pytest.mark.parametrize("shape", ["B2_H4_L384", "gqa8x2_L1024", "B2_H3_L640_D64"])
+@pytest.mark.parametrize("mode", ["dense", "causal"])
+def test_gluon_forward_backward(mode, shape):
+    """The backward runs from the Gluon forward's O and lse (with an lse gradient too)."""
+    _needs_gluon()
+    B, Hq, Hkv, L, _, D, _ = SHAPES[shape]
+    bm = create_block_mask(generate_causal_mask(), None, None, L, L, device="cuda") if mode == "causal" else None
+    opts = dict(TRITON, **ON)
+    check_backward(SHAPES[shape], torch.bfloat16, None, bm, kernel_options=opts, device="cuda")
+    # the forward check_backward ran was the Gluon kernel
+    q, k, v = make_inputs(SHAPES[shape], torch.bfloat16, "cuda", requires_grad=True)
+    flex_attention(q, k, v, block_mask=bm, enable_gqa=Hq != Hkv, kernel_options=opts)
+    assert _plan(q, k, v, bm, opts).config == "gluon"
+
+
+@pytest.mark.parametrize("D, L, default", [(128, 1024, True), (128, 512, False), (64, 4096, True), (64, 1024, False)])
+def test_gluon_forward_default_lengths(D, L, default):
+    """Without kernel_options the kernel runs from gluon_forward.MIN_LEN on."""
+    _needs_gluon()
+    q, k, v = make_inputs((1, 2, 2, L, L, D, D), torch.bfloat16, "cuda")
+    flex_attention(q, k, v)
+    plan = _plan(q, k, v, None)
+    assert (plan.gluon == "dense") == default and (plan.config == "gluon") == default
+
+
+def _strict_causal_for_odd_batches(b, h, q_idx, kv_idx):
+    # causal's block structure, but batch 1's diagonal excluded: not the kernel's causal mode
+    return (q_idx >= kv_idx) & ((b == 0) | (q_idx != kv_idx))
+
+
+@pytest.mark.parametrize("case", ["score_mod", "length_1000", "transposed_layout", "batch_dependent_mask",
+                                  "gluon_false", "pinned_config", "lq_ne_lkv"])
+def test_gluon_forward_falls_back(case):
+    """Calls the kernel does not serve run the template, with the right answer (GLUON=True asked)."""
+    _needs_gluon()
+    dtype = torch.bfloat16
+    shape = (2, 4, 4, 1000 if case == "length_1000" else 384, 384, 128, 128)
+    B, Hq, Hkv, Lq, Lkv, D, _ = shape
+    q, k, v = make_inputs(shape, dtype, "cuda")
+    score_mod, bm, opts = None, None, dict(ON)
+    if case == "score_mod":
+        score_mod = lambda s, b, h, qi, kv: s * 0.5  # noqa: E731
+    elif case == "length_1000":
+        k, v = make_inputs((B, Hq, Hkv, 1000, 1000, D, D), dtype, "cuda")[1:]
+    elif case == "transposed_layout":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    elif case == "batch_dependent_mask":
+        bm = create_block_mask(_strict_causal_for_odd_batches, B, None, Lq, Lkv, device="cuda")
+    elif case == "gluon_false":
+        opts = {"GLUON": False}
+    elif case == "pinned_config":
+        opts.update(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    elif case == "lq_ne_lkv":
+        q = q[:, :, :256].contiguous()
+        bm = None
+    out = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, kernel_options=opts)
+    plan = K.cached_plan(q, k, v, score_mod, bm, None, validate_kernel_options(opts))
+    if case == "transposed_layout":
+        assert plan.gluon == "dense" and plan.config != "gluon"  # the plan applies, the layout does not
+    else:
+        assert plan.gluon is None and plan.config != "gluon"
+    ref_out, _, _ = math_attention(q.double(), k.double(), v.double(), score_mod, bm)
+    low_out, _, _ = math_attention(q, k, v, score_mod, bm)
+    assert_close_to_reference(out, ref_out, low_out, dtype, "out")
+
