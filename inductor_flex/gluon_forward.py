@@ -144,3 +144,46 @@ def cross_compile(causal: bool, head_dim: int, dtype: torch.dtype = torch.bfloat
     src = GluonASTSource(K.flex_fwd_gluon, sig, constexprs={"CAUSAL": causal, "STAGES": K.NUM_STAGES})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "maxnreg": K.MAXNREG})
 
+
+
+def is_identity_score(score_mod) -> bool:
+    """Whether a traced call's score_mod is the identity: the HOP's identity_score itself, or the
+    subgraph Dynamo made of it (a graph returning its first input, nothing computed)."""
+    from .hop import identity_score
+
+    if score_mod is identity_score:
+        return True
+    graph = getattr(score_mod, "graph", None)
+    if graph is None:
+        return False
+    nodes = list(graph.nodes)
+    places = [n for n in nodes if n.op == "placeholder"]
+    outs = [n for n in nodes if n.op == "output"]
+    if len(outs) != 1 or len(places) + 1 != len(nodes) or not places:
+        return False
+    ret = outs[0].args[0]
+    if isinstance(ret, (tuple, list)):
+        if len(ret) != 1:
+            return False
+        ret = ret[0]
+    return ret is places[0]
+
+
+def serves_compiled(query, key, value, score_mod, block_mask, opts: dict) -> bool:
+    """Trace time, under torch.compile: whether a forward goes to the inductor_flex::flex_forward op
+    (lowering/kernel_op.py), whose plan then runs this kernel, instead of the Inductor-rendered
+    template. Dense calls only (a causal BlockMask's lists are graph inputs, unknown until run
+    time), identity score_mod, static shapes from MIN_LEN on, no pinned tile config."""
+    from inductor_flex.lowering.kernel_op import _CONFIG_KEYS
+
+    if block_mask[2] is not None or opts.get("GLUON") is False or any(k in opts for k in _CONFIG_KEYS):
+        return False
+    if not available(query.device) or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    dims = (query.shape[2], key.shape[2], query.shape[-1], value.shape[-1])
+    if not all(isinstance(d, int) for d in dims):
+        return False
+    Lq, Lkv, E, Ev = dims
+    if not (E == Ev and E in MIN_LEN and Lq == Lkv and Lq % TILE == 0 and Lq >= MIN_LEN[E]):
+        return False
+    return is_identity_score(score_mod)

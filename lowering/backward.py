@@ -59,7 +59,7 @@ def takes(query, key, value, fw_graph, joint_graph, block_mask, kernel_options, 
     wanted = opts.get(SCORE_BUF_GRADS, (True,) * len(score_bufs))
     if any(isinstance(b, torch.Tensor) and b.dtype.is_floating_point and w for b, w in zip(score_bufs, wanted)):
         return False  # a captured tensor's gradient to sum: the custom op's atomics
-    return fwd.takes(query, key, value, fw_graph, block_mask, kernel_options, score_bufs, mask_bufs)
+    return fwd.takes(query, key, value, fw_graph, block_mask, kernel_options, score_bufs, mask_bufs, gluon_ok=False)
 
 
 # ---- stage one: our hooks, filled with Inductor's template calls --------------------------------

@@ -55,6 +55,7 @@ def flex_forward(
     source: str, has_score_mod: bool, scale: Optional[float], block_size: List[int], pinned: List[int],
     fast_tanh: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from inductor_flex import gluon_forward
     from inductor_flex import kernel as K
     from inductor_flex.lowering.configs import Config, filter_warp_specialize, forward_configs
 
@@ -64,6 +65,8 @@ def flex_forward(
         forward_configs(query.shape[-1], value.shape[-1], query.dtype, plan.block_mask.BLOCK_SIZE, query.device,
                         plan.interpret), {}, K.ws_applies(plan))
     plan.pinned = Config(*pinned) if pinned else None
+    # dense calls traced to this op for it (gluon_forward.serves_compiled) run the Gluon kernel
+    plan.gluon = gluon_forward.plan_mode(plan, query, key, value)
     return K.run_forward(plan, query, key, value)
 
 
@@ -236,7 +239,7 @@ def try_kernel_forward(query, key, value, score_mod, block_mask, scale, kernel_o
     """The custom-op call for this forward, or None when the call takes the decomposition
     (math backend, shapes the kernel does not take, symbolic values captured by the mods, or a
     mod the printer cannot translate under BACKEND "AUTO")."""
-    from inductor_flex.hop import identity_score
+    from inductor_flex.gluon_forward import is_identity_score
     from inductor_flex.kernel import ForwardPlan
 
     opts = dict(kernel_options or {})
@@ -258,7 +261,7 @@ def try_kernel_forward(query, key, value, score_mod, block_mask, scale, kernel_o
         raise ValueError(f"under torch.compile, pin a kernel config with all of {_CONFIG_KEYS} (or none)")
     return torch.ops.inductor_flex.flex_forward(
         query, key, value, *block_mask[2:6], [score_bufs[i] for i in s_order], [mask_bufs[i] for i in m_order],
-        source, score_mod is not identity_score, None if scale is None else float(scale),
+        source, not is_identity_score(score_mod), None if scale is None else float(scale),
         [int(block_mask[10]), int(block_mask[11])], pinned,
         fast_tanh,
     )

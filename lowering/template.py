@@ -43,7 +43,12 @@ _templates: Dict[str, object] = {}
 
 
 # ---- trace time: does this call take the template? ----------------------------------------------
-def takes(query, key, value, score_mod, block_mask, kernel_options, score_bufs, mask_bufs) -> bool:
+def takes(query, key, value, score_mod, block_mask, kernel_options, score_bufs, mask_bufs,
+          gluon_ok: bool = True) -> bool:
+    """Whether Inductor lowers this call through the template (else the HOP's custom op or the
+    decomposition). ``gluon_ok``: a dense call the Gluon forward serves goes to the custom op, which
+    runs it (gluon_forward.serves_compiled); the backward asks with False (its kernels are these)."""
+    from inductor_flex import gluon_forward
     from inductor_flex.kernel import interpreter_enabled
 
     from .kernel_op import _print_mods, _uses_kernel
@@ -54,6 +59,8 @@ def takes(query, key, value, score_mod, block_mask, kernel_options, score_bufs, 
     if query.device.type == "cuda" and interpreter_enabled():
         return False
     if opts.get("BACKEND", "AUTO") not in ("AUTO", "TRITON"):
+        return False
+    if gluon_ok and gluon_forward.serves_compiled(query, key, value, score_mod, block_mask, opts):
         return False
     # (on the CI's CPU device the kernel is only ever the interpreter's: ask as BACKEND "TRITON")
     if not _uses_kernel(query, key, value, block_mask, {**opts, "BACKEND": "TRITON"}):

@@ -81,3 +81,27 @@ def test_gluon_forward_compiles_for_sm90():
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("ok ") == 8
+
+
+def test_identity_score_mod_detected_in_dynamo_subgraphs():
+    """Under torch.compile the HOP's score_mod is Dynamo's subgraph: a call without a score_mod (and
+    one whose score_mod returns the score) counts as identity for the compiled route to the Gluon
+    kernel; any computation does not."""
+    import inductor_flex as ifx
+    from inductor_flex.hop import flex_attention_hop
+
+    seen = []
+
+    def backend(gm, inputs):
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is flex_attention_hop:
+                seen.append(G.is_identity_score(getattr(gm, n.args[3].target)))
+        return gm.forward
+
+    q = torch.randn(1, 2, 64, 16)
+    mods = (None, lambda s, b, h, qi, kv: s * 2, lambda s, b, h, qi, kv: s, lambda s, b, h, qi, kv: s + qi - qi)
+    for sm in mods:
+        torch._dynamo.reset()
+        fn = torch.compile(lambda q, k, v: ifx.flex_attention(q, k, v, score_mod=sm), backend=backend, fullgraph=True)
+        fn(q, q, q)
+    assert seen == [True, False, True, False]

@@ -126,3 +126,27 @@ def test_gluon_forward_falls_back(case):
     low_out, _, _ = math_attention(q, k, v, score_mod, bm)
     assert_close_to_reference(out, ref_out, low_out, dtype, "out")
 
+
+
+@pytest.mark.parametrize("D, L", [(128, 1024), (64, 4096)])
+def test_gluon_forward_under_compile(D, L, monkeypatch):
+    """A dense call under torch.compile traces to the inductor_flex::flex_forward op, which runs the
+    Gluon kernel; forward and backward (the Inductor-rendered backward template) against float64."""
+    from conftest import assert_grads_close, record_calls
+
+    _needs_gluon()
+    calls = record_calls(monkeypatch, G, "launch", lambda *a, **kw: a[-1])
+    shape = (1, 4, 2, L, L, D, D)
+    q, k, v = make_inputs(shape, torch.bfloat16, "cuda", requires_grad=True)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, enable_gqa=True, return_lse=True), fullgraph=True)
+    out, lse = fn(q, k, v)
+    assert calls == [False]  # one launch, dense
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    ref_out, ref_lse, _ = math_attention(qd.double(), kd.double(), vd.double(), None, None)
+    low_out, low_lse, _ = math_attention(qd, kd, vd, None, None)
+    assert_close_to_reference(out, ref_out, low_out, torch.bfloat16, "out")
+    assert_close_to_reference(lse, ref_lse, low_lse, torch.bfloat16, "lse")
+    assert_grads_close(q, k, v, grads, g, None, None, torch.bfloat16)
