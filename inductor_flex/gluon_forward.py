@@ -90,12 +90,28 @@ def plan_mode(plan, query, key, value) -> Optional[str]:
     return "causal" if is_causal_block_mask(plan.user_block_mask, B, Hq, Lq) else None
 
 
-def launchable(query, key, value, out) -> bool:
-    """The call's tensors as the kernel reads them: (B*H*L, D) row matrices through TMA."""
+def reads_layout(query, key, value) -> bool:
+    """Whether the kernel can read the call's tensors: (B*H*L, D) row matrices through TMA."""
     from .kernel import rows_layout, tma_eligible
 
-    return (out.dtype == query.dtype and out.is_contiguous()
-            and all(tma_eligible(t) and rows_layout(t) for t in (query, key, value)))
+    return all(tma_eligible(t) and rows_layout(t) for t in (query, key, value))
+
+
+def launchable(query, key, value, out) -> bool:
+    return out.dtype == query.dtype and out.is_contiguous() and reads_layout(query, key, value)
+
+
+def source(mode: str) -> str:
+    """What kernel_source shows for a call this kernel serves: its module, with a header naming the
+    mode and the entry point."""
+    import inspect
+
+    from inductor_flex.templates import flex_forward_gluon as K
+
+    head = (f"# inductor_flex: this call runs the Gluon forward, mode {mode!r} (CAUSAL={mode == 'causal'}):\n"
+            f"# flex_fwd_gluon below, from templates/flex_forward_gluon.py; no hooks (no score_mod,\n"
+            f"# {'a causal BlockMask' if mode == 'causal' else 'no BlockMask'}). kernel_options GLUON=False shows the template.\n")
+    return head + inspect.getsource(K)
 
 
 def _desc(t: torch.Tensor, block):

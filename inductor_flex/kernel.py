@@ -1050,4 +1050,7 @@ def kernel_source(query, key, value, score_mod=None, block_mask=None, scale=None
 
     validate_inputs(query, key, value, block_mask, scale, enable_gqa)
     opts = validate_kernel_options(kernel_options)
-    return ForwardPlan(query, key, value, score_mod, block_mask, scale, opts).source
+    plan = ForwardPlan(query, key, value, score_mod, block_mask, scale, opts)
+    if plan.gluon is not None and gluon_forward.reads_layout(query, key, value):
+        return gluon_forward.source(plan.gluon)  # the hand-scheduled kernel serves this call
+    return plan.source

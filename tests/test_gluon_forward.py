@@ -105,3 +105,24 @@ def test_identity_score_mod_detected_in_dynamo_subgraphs():
         fn = torch.compile(lambda q, k, v: ifx.flex_attention(q, k, v, score_mod=sm), backend=backend, fullgraph=True)
         fn(q, q, q)
     assert seen == [True, False, True, False]
+
+
+@pytest.mark.parametrize("mode", ["dense", "causal"])
+def test_kernel_source_shows_the_gluon_kernel_where_it_runs(mode, monkeypatch):
+    """kernel_source returns the module a call runs: the Gluon kernel's where the plan takes it
+    (faked here: it needs a Hopper GPU), the template's with GLUON=False."""
+    pytest.importorskip("triton.experimental.gluon")
+    if not compat.gluon_hopper_ready():
+        pytest.skip("this Triton has no Gluon warp specialization")
+    import inductor_flex
+
+    monkeypatch.setattr(G, "plan_mode", lambda plan, q, k, v: None if plan.opts.get("GLUON") is False else mode)
+    q = torch.randn(1, 2, 256, 64)
+    bm = create_block_mask(generate_causal_mask(), None, None, 256, 256, device="cpu") if mode == "causal" else None
+    src = inductor_flex.kernel_source(q, q, q, block_mask=bm)
+    assert f"mode '{mode}'" in src and "def flex_fwd_gluon(" in src and "warp_specialize" in src
+    tmpl = inductor_flex.kernel_source(q, q, q, block_mask=bm, kernel_options={"GLUON": False})
+    assert "def flex_fwd_kernel(" in tmpl and "flex_fwd_gluon" not in tmpl
+    # a layout the kernel cannot read through TMA: the template runs, and is shown
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert "def flex_fwd_kernel(" in inductor_flex.kernel_source(qt, qt, qt, block_mask=bm)
