@@ -69,6 +69,14 @@ def is_causal_block_mask(block_mask, B: int, Hq: int, S: int) -> bool:
 MIN_LEN = {64: 4096, 128: 1024}
 
 
+def shapes_served(query, key, value, any_length: bool = False) -> bool:
+    """Head dims 64 or 128 (V's the same), equal lengths that are multiples of 128, from MIN_LEN on
+    unless ``any_length`` (kernel_options GLUON=True)."""
+    Lq, Lkv, E, Ev = query.shape[2], key.shape[2], query.shape[-1], value.shape[-1]
+    return (E == Ev and E in MIN_LEN and Lq == Lkv and Lq % TILE == 0
+            and (any_length or Lq >= MIN_LEN[E]))
+
+
 def plan_mode(plan, query, key, value) -> Optional[str]:
     """'dense', 'causal' or None (the template) for a ForwardPlan's calls of this signature."""
     opts = plan.opts
@@ -77,11 +85,8 @@ def plan_mode(plan, query, key, value) -> Optional[str]:
         return None
     if not available(query.device) or query.dtype not in (torch.float16, torch.bfloat16):
         return None
-    B, Hq, Lq, E = query.shape
-    Lkv, Ev = key.shape[2], value.shape[-1]
-    if E != Ev or E not in (64, 128) or Lq != Lkv or Lq % TILE or plan.has_score_mod or not plan.scale > 0:
-        return None
-    if flag is not True and Lq < MIN_LEN[E]:
+    B, Hq, Lq, _ = query.shape
+    if plan.has_score_mod or not plan.scale > 0 or not shapes_served(query, key, value, flag is True):
         return None
     if plan.user_block_mask is None:
         return "dense"
@@ -199,7 +204,4 @@ def serves_compiled(query, key, value, score_mod, block_mask, opts: dict) -> boo
     dims = (query.shape[2], key.shape[2], query.shape[-1], value.shape[-1])
     if not all(isinstance(d, int) for d in dims):
         return False
-    Lq, Lkv, E, Ev = dims
-    if not (E == Ev and E in MIN_LEN and Lq == Lkv and Lq % TILE == 0 and Lq >= MIN_LEN[E]):
-        return False
-    return is_identity_score(score_mod)
+    return shapes_served(query, key, value) and is_identity_score(score_mod)
