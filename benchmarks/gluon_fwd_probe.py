@@ -5,12 +5,14 @@ Issue 6 asks for the noop/causal forward at 0.95x cuDNN; the template's forward 
 tl.range(warp_specialize=True)) stays at 0.84-0.93x. The Gluon kernel schedules by hand what the tl
 compiler schedules for us (FlashAttention-3's way: a TMA producer warp, two consumer warp groups,
 q.k of the next tile and p.v of this one in flight under the softmax). flex_attention runs it for
-dense and causal calls without a score_mod (inductor_flex/gluon_forward.py); kernel_options
-GLUON=False gives the template. This times the three alternately, per (case, D, S x B), and checks
-the Gluon output against float64 beside a bf16 math reference.
+dense and causal calls, with a score_mod printed into its hook (inductor_flex/gluon_forward.py);
+kernel_options GLUON=False gives the template. This times them alternately (cuDNN where it has the
+case), per (case, D, S x B), and checks the Gluon output against float64 beside a bf16 math
+reference. Cases: noop, causal, softcap (30), alibi, softcap_causal.
 
     python benchmarks/gluon_fwd_probe.py --compile            # CPU: sm_90 cross-compile of each mode
     python benchmarks/gluon_fwd_probe.py --gpu --out F.json   # Hopper: errors and TFLOP/s
+    python benchmarks/gluon_fwd_probe.py --gpu --cases softcap,alibi,softcap_causal
 """
 from __future__ import annotations
 
@@ -69,29 +71,38 @@ def run_gpu(args):
                    "lse_err": (lse.double() - ref_lse).abs().max().item()}
             print(json.dumps(row), flush=True)
             report["rows"].append(row)
+    mods = {"noop": None, "causal": None, "softcap": V.generate_tanh_softcap(30.0),
+            "softcap_causal": V.generate_tanh_softcap(30.0), "alibi": V.generate_alibi_bias(16)}
     for D in dims:
         for S, B in [(int(x.split("x")[0]), int(x.split("x")[1])) for x in args.shapes.split(",")]:
             H = 16
             g = torch.Generator(device=dev).manual_seed(1)
             q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
-            for causal in (False, True):
+            for case in args.cases.split(","):
+                causal, sm = case.endswith("causal"), mods[case]
                 flops = 4.0 * B * H * D * (S * (S + 1) / 2 if causal else S * S)
                 bm = ifx.create_block_mask(V.generate_causal_mask(), None, None, S, S, device=dev) if causal else None
                 peers = {
-                    "gluon": lambda: ifx.flex_attention(q, k, v, block_mask=bm, kernel_options=ON),
-                    "template": lambda: ifx.flex_attention(q, k, v, block_mask=bm, kernel_options={"GLUON": False}),
-                    "cudnn": lambda: _sdpa(q, k, v, causal, SDPBackend.CUDNN_ATTENTION, sdpa_kernel),
+                    "gluon": lambda: ifx.flex_attention(q, k, v, score_mod=sm, block_mask=bm, kernel_options=ON),
+                    "template": lambda: ifx.flex_attention(q, k, v, score_mod=sm, block_mask=bm,
+                                                           kernel_options={"GLUON": False}),
                 }
+                if sm is None:
+                    peers["cudnn"] = lambda: _sdpa(q, k, v, causal, SDPBackend.CUDNN_ATTENTION, sdpa_kernel)
                 for fn in peers.values():
                     fn()
                 best = {n: float("inf") for n in peers}
                 for _ in range(args.rounds):  # alternated: the GPU warms within a run
                     for n, fn in peers.items():
                         best[n] = min(best[n], do_bench(fn, warmup=25, rep=100))
-                row = {"case": "causal" if causal else "noop", "D": D, "S": S, "B": B,
+                row = {"case": case, "D": D, "S": S, "B": B,
                        **{f"{n}_tflops": flops / (ms * 1e-3) / 1e12 for n, ms in best.items()}}
-                row["gluon/cudnn"] = row["gluon_tflops"] / row["cudnn_tflops"]
-                row["template/cudnn"] = row["template_tflops"] / row["cudnn_tflops"]
+                plan = K.cached_plan(q, k, v, sm, bm, None, validate_kernel_options(ON))
+                row["gluon_ran"] = plan.config == "gluon"
+                row["gluon/template"] = row["gluon_tflops"] / row["template_tflops"]
+                if "cudnn" in peers:
+                    row["gluon/cudnn"] = row["gluon_tflops"] / row["cudnn_tflops"]
+                    row["template/cudnn"] = row["template_tflops"] / row["cudnn_tflops"]
                 print(json.dumps(row), flush=True)
                 report["rows"].append(row)
     if args.out:
@@ -111,6 +122,7 @@ def main():
     ap.add_argument("--dims", default="128")
     ap.add_argument("--shapes", default="4096x4,16384x1,1024x16")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cases", default="noop,causal", help="of noop, causal, softcap, alibi, softcap_causal")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.compile:

@@ -552,6 +552,7 @@ class ForwardPlan:
     # 'dense' / 'causal' where the hand-scheduled Gluon kernel serves the calls (gluon_forward.py);
     # the shells keep None
     gluon = None
+    gluon_source = None  # with a score_mod: the Gluon kernel's module with it as the hook
 
     def __init__(self, query, key, value, score_mod, block_mask, scale, opts):
         self.device = query.device
@@ -919,7 +920,9 @@ def run_forward(plan: ForwardPlan, query, key, value, out=None):
         launch_kernel(module.flex_fwd_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages, plan.interpret)
 
     if plan.gluon is not None and gluon_forward.launchable(query, key, value, out):
-        gluon_forward.launch(query, key, value, out, lse, mx, plan.scale, plan.gluon == "causal")
+        caps = plan.score.args_for(plan.score.tensors) if plan.gluon_source is not None else ()
+        gluon_forward.launch(query, key, value, out, lse, mx, plan.scale, plan.gluon == "causal",
+                             plan.gluon_source, caps)
         plan.config = "gluon"
         return out, lse, mx
     cfg = plan.pinned or _pick_config(plan, launch, query, key, value)
@@ -1052,5 +1055,5 @@ def kernel_source(query, key, value, score_mod=None, block_mask=None, scale=None
     opts = validate_kernel_options(kernel_options)
     plan = ForwardPlan(query, key, value, score_mod, block_mask, scale, opts)
     if plan.gluon is not None and gluon_forward.reads_layout(query, key, value):
-        return gluon_forward.source(plan.gluon)  # the hand-scheduled kernel serves this call
+        return gluon_forward.source(plan.gluon, plan.gluon_source)  # the hand-scheduled kernel serves this call
     return plan.source

@@ -60,7 +60,7 @@ def takes(query, key, value, score_mod, block_mask, kernel_options, score_bufs, 
         return False
     if opts.get("BACKEND", "AUTO") not in ("AUTO", "TRITON"):
         return False
-    if gluon_ok and gluon_forward.serves_compiled(query, key, value, score_mod, block_mask, opts):
+    if gluon_ok and gluon_forward.serves_compiled(query, key, value, score_mod, block_mask, opts, score_bufs):
         return False
     # (on the CI's CPU device the kernel is only ever the interpreter's: ask as BACKEND "TRITON")
     if not _uses_kernel(query, key, value, block_mask, {**opts, "BACKEND": "TRITON"}):

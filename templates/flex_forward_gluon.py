@@ -11,9 +11,10 @@ FlashAttention-3's answer is to schedule by hand, and Gluon can say it:
 * inside a consumer, kv tile j's q.k and tile j-1's p.v are issued together as async wgmmas and the
   softmax of tile j runs while p.v is still on the tensor cores (_kv_step).
 
-No hooks: this file serves calls without a score_mod whose BlockMask is absent (dense) or causal
-(inductor_flex/gluon_forward.py decides, and launches). The causal diagonal tile is peeled off the
-loop so the loop body has no mask branch (with one, ptxas spilled the accumulator).
+One hook, score_hook: the calls it serves have a BlockMask that is absent (dense) or causal, and any
+score_mod the FX printer can write in Gluon (inductor_flex/gluon_forward.py decides, prints the hook
+into a copy of this module, and launches). The causal diagonal tile is peeled off the loop so the loop
+body has no mask branch (with one, ptxas spilled the accumulator).
 Measured (H200, bf16, D=128, S=4096, B=4, H=16, benchmarks/gluon_fwd_probe.py): 620 / 539 TFLOP/s
 noop / causal with 3 stages, cuDNN 607 / 521; 2 stages gave 556 / 399.
 """
@@ -34,6 +35,16 @@ NUM_STAGES = 3  # kv ring slots (2 slots: 556 against 620 TFLOP/s)
 CONSUMER_REGS = gl.constexpr(232)
 PRODUCER_REGS = gl.constexpr(24)
 MAXNREG = 168
+LOG2E = gl.constexpr(1.4426950408889634)
+
+
+# >>> score hook: gluon_forward.hooked_source puts the call's printed score_mod here
+@gluon.jit
+def score_hook(qk, sm_scale, b, h, q_idx, kv_idx, caps):
+    """(s, c) with score_mod(qk * sm_scale, b, h, q_idx, kv_idx) == s * c, c > 0; caps: the captured
+    tensors' (pointer, sizes, strides), flat. This copy is the identity (no score_mod)."""
+    return qk * sm_scale, 1.0
+# <<< score hook
 
 
 @gluon.jit
@@ -53,8 +64,8 @@ def _tile(seq_len, HQ, GROUP, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, GROUP, q_smem, k_smem, v_smem,
-              q_bar, k_ready, v_ready, kv_empty, CAUSAL: gl.constexpr):
+def _producer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, sm_scale, seq_len, HQ, GROUP, caps, q_smem, k_smem,
+              v_smem, q_bar, k_ready, v_ready, kv_empty, CAUSAL: gl.constexpr, HAS_SCORE: gl.constexpr):
     STAGES: gl.constexpr = k_smem.type.shape[0]
     TILE_N: gl.constexpr = k_smem.type.shape[1]
     HALF: gl.constexpr = q_smem.type.shape[1]
@@ -73,22 +84,34 @@ def _producer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, G
 
 
 @gluon.jit
-def _softmax_step(s, m, l, qk_scale, kv0, start_row, MASK: gl.constexpr, s_layout: gl.constexpr):
-    """One tile of the online softmax, in log2 units. MASK: the causal diagonal tile."""
+def _softmax_step(s, m, l, qk_scale, kv0, start_row, mod, MASK: gl.constexpr, HAS_SCORE: gl.constexpr,
+                  s_layout: gl.constexpr):
+    """One tile of the online softmax, in log2 units. MASK: the causal diagonal tile. mod: (sm_scale,
+    batch, head, captured tensors) for score_hook."""
+    rows = start_row + gl.arange(0, s.shape[0], layout=gl.SliceLayout(1, s_layout))
+    cols = kv0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
+    if HAS_SCORE:
+        s, c = score_hook(s, mod[0], mod[1], mod[2], rows[:, None], cols[None, :], mod[3])
+        to_log2 = c * LOG2E
+    else:
+        to_log2 = qk_scale  # scale * log2(e), positive
     if MASK:
-        rows = start_row + gl.arange(0, s.shape[0], layout=gl.SliceLayout(1, s_layout))
-        cols = kv0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
         s = gl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
-    m_new = gl.maximum(m, gl.max(s, 1) * qk_scale)
-    alpha = gl.exp2(m - m_new)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
+    m_new = gl.maximum(m, gl.max(s, 1) * to_log2)
+    if HAS_SCORE:
+        # a score_mod can make a whole row -inf: keep m = -inf there and shift by 0 (exp2 gives 0, not NaN)
+        m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_shift = m_new  # no -inf row: the first tile has a finite score in every row
+    alpha = gl.exp2(m - m_shift)
+    p = gl.exp2(s * to_log2 - m_shift[:, None])
     l = l * alpha + gl.sum(p, 1)
     return p, m_new, l, alpha
 
 
 @gluon.jit
-def _kv_step(q, k_smem, v_smem, k_ready, v_ready, kv_empty, p, m, l, acc, zero_s, qk_scale, j, start_row,
-             MASK: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+def _kv_step(q, k_smem, v_smem, k_ready, v_ready, kv_empty, p, m, l, acc, zero_s, qk_scale, j, start_row, mod,
+             MASK: gl.constexpr, HAS_SCORE: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     """Tile j's q.k and tile j-1's p.v in flight together; tile j's softmax runs under the p.v."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     TILE_N: gl.constexpr = k_smem.type.shape[1]
@@ -101,7 +124,7 @@ def _kv_step(q, k_smem, v_smem, k_ready, v_ready, kv_empty, p, m, l, acc, zero_s
     p16 = gl.convert_layout(p.to(q.dtype), p_layout)
     acc_tok = warpgroup_mma(p16, v_smem.index(sp), acc, is_async=True)
     s = warpgroup_mma_wait(1, deps=(s_tok, ))  # q.k retired; p.v may still run
-    p, m, l, alpha = _softmax_step(s, m, l, qk_scale, j * TILE_N, start_row, MASK, s_layout)
+    p, m, l, alpha = _softmax_step(s, m, l, qk_scale, j * TILE_N, start_row, mod, MASK, HAS_SCORE, s_layout)
     acc, p16 = warpgroup_mma_wait(0, deps=(acc_tok, p16))
     mbarrier.arrive(kv_empty.index(sp), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
@@ -109,8 +132,9 @@ def _kv_step(q, k_smem, v_smem, k_ready, v_ready, kv_empty, p, m, l, acc, zero_s
 
 
 @gluon.jit
-def _consumer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, GROUP, q_smem, k_smem, v_smem,
-              q_bar, k_ready, v_ready, kv_empty, CAUSAL: gl.constexpr, WG: gl.constexpr):
+def _consumer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, sm_scale, seq_len, HQ, GROUP, caps, q_smem, k_smem,
+              v_smem, q_bar, k_ready, v_ready, kv_empty, CAUSAL: gl.constexpr, HAS_SCORE: gl.constexpr,
+              WG: gl.constexpr):
     STAGES: gl.constexpr = k_smem.type.shape[0]
     TILE_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_D: gl.constexpr = k_smem.type.shape[2]
@@ -123,6 +147,8 @@ def _consumer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, G
 
     q_row0, kv_row0, n_kv, start_m = _tile(seq_len, HQ, GROUP, CAUSAL, TILE_N)
     start_row = start_m + WG * HALF
+    bh = gl.program_id(1)
+    mod = (sm_scale, bh // HQ, bh % HQ, caps)
     q = q_smem.index(WG)
     zero_s = gl.zeros([HALF, TILE_N], gl.float32, s_layout)
     mbarrier.wait(q_bar.index(0), 0)
@@ -134,17 +160,17 @@ def _consumer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, G
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     m = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
-    p, m, l, alpha = _softmax_step(s, m, l, qk_scale, 0, start_row, CAUSAL, s_layout)
+    p, m, l, alpha = _softmax_step(s, m, l, qk_scale, 0, start_row, mod, CAUSAL, HAS_SCORE, s_layout)
     acc = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)
 
     n_plain = n_kv - 1 if CAUSAL else n_kv
     for j in range(1, n_plain):
         p, m, l, acc = _kv_step(q, k_smem, v_smem, k_ready, v_ready, kv_empty, p, m, l, acc, zero_s, qk_scale,
-                                j, start_row, False, s_layout, o_layout)
+                                j, start_row, mod, False, HAS_SCORE, s_layout, o_layout)
     if CAUSAL:
         if n_kv > 1:  # the diagonal tile, peeled
             p, m, l, acc = _kv_step(q, k_smem, v_smem, k_ready, v_ready, kv_empty, p, m, l, acc, zero_s,
-                                    qk_scale, n_kv - 1, start_row, True, s_layout, o_layout)
+                                    qk_scale, n_kv - 1, start_row, mod, True, HAS_SCORE, s_layout, o_layout)
 
     last = (n_kv - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((n_kv - 1) // STAGES) & 1)
@@ -153,9 +179,16 @@ def _consumer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, G
     acc, p16 = warpgroup_mma_wait(0, deps=(acc_tok, p16))
     mbarrier.arrive(kv_empty.index(last), count=1)
 
-    o = acc / gl.convert_layout(l, gl.SliceLayout(1, o_layout))[:, None]
     rows = q_row0 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
-    gl.store(LSE + rows, (m + gl.log2(l)) * 0.6931471805599453)
+    if HAS_SCORE:
+        # rows the score_mod left all -inf: output 0, lse -inf
+        empty = l == 0.0
+        l = gl.where(empty, 1.0, l)
+        lse = gl.where(empty, float("-inf"), m + gl.log2(l))
+    else:
+        lse = m + gl.log2(l)
+    o = acc / gl.convert_layout(l, gl.SliceLayout(1, o_layout))[:, None]
+    gl.store(LSE + rows, lse * 0.6931471805599453)
     gl.store(MAX + rows, m * 0.6931471805599453)
     # Q's slot is free once the last wgmma reading it retired: O leaves through it
     q.store(o.to(q.dtype))
@@ -165,23 +198,24 @@ def _consumer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, G
 
 
 @gluon.jit
-def _consumer0(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, GROUP, q_smem, k_smem, v_smem,
-               q_bar, k_ready, v_ready, kv_empty, CAUSAL: gl.constexpr):
-    _consumer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, GROUP, q_smem, k_smem, v_smem,
-              q_bar, k_ready, v_ready, kv_empty, CAUSAL, 0)
+def _consumer0(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, sm_scale, seq_len, HQ, GROUP, caps, q_smem,
+               k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, CAUSAL: gl.constexpr, HAS_SCORE: gl.constexpr):
+    _consumer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, sm_scale, seq_len, HQ, GROUP, caps, q_smem, k_smem,
+              v_smem, q_bar, k_ready, v_ready, kv_empty, CAUSAL, HAS_SCORE, 0)
 
 
 @gluon.jit
-def _consumer1(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, GROUP, q_smem, k_smem, v_smem,
-               q_bar, k_ready, v_ready, kv_empty, CAUSAL: gl.constexpr):
-    _consumer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, GROUP, q_smem, k_smem, v_smem,
-              q_bar, k_ready, v_ready, kv_empty, CAUSAL, 1)
+def _consumer1(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, sm_scale, seq_len, HQ, GROUP, caps, q_smem,
+               k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, CAUSAL: gl.constexpr, HAS_SCORE: gl.constexpr):
+    _consumer(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, sm_scale, seq_len, HQ, GROUP, caps, q_smem, k_smem,
+              v_smem, q_bar, k_ready, v_ready, kv_empty, CAUSAL, HAS_SCORE, 1)
 
 
 @gluon.jit
-def flex_fwd_gluon(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, GROUP,
-                   CAUSAL: gl.constexpr, STAGES: gl.constexpr):
-    """Grid (seq_len / 128, batch * query heads). qk_scale = scale * log2(e)."""
+def flex_fwd_gluon(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, sm_scale, seq_len, HQ, GROUP, caps,
+                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, HAS_SCORE: gl.constexpr):
+    """Grid (seq_len / 128, batch * query heads). qk_scale = scale * log2(e), sm_scale = scale;
+    HAS_SCORE: call score_hook (caps its captured-tensor arguments, a tuple)."""
     TILE_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = k_desc.block_type.shape[1]
     HALF: gl.constexpr = q_desc.block_type.shape[0]
@@ -197,7 +231,7 @@ def flex_fwd_gluon(q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, 
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a slot
-    args = (q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, seq_len, HQ, GROUP, q_smem, k_smem, v_smem,
-            q_bar, k_ready, v_ready, kv_empty, CAUSAL)
+    args = (q_desc, k_desc, v_desc, o_desc, LSE, MAX, qk_scale, sm_scale, seq_len, HQ, GROUP, caps, q_smem, k_smem,
+            v_smem, q_bar, k_ready, v_ready, kv_empty, CAUSAL, HAS_SCORE)
     gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_producer, args)], [4, 1],
                        [CONSUMER_REGS, PRODUCER_REGS])

@@ -65,7 +65,7 @@ def test_gluon_path_off_without_cuda():
 @pytest.mark.skipif(not compat.gluon_hopper_ready(), reason="this Triton has no Gluon warp specialization")
 def test_gluon_forward_compiles_for_sm90():
     """Every mode (dense, causal) x head dim (64, 128) x dtype builds to sm_90 cubin, within the
-    227 KB of shared memory a Hopper block may use."""
+    227 KB of shared memory a Hopper block may use; so do softcap's and ALiBi's hooked kernels."""
     script = (
         "import torch\n"
         "from inductor_flex import gluon_forward as G\n"
@@ -76,11 +76,61 @@ def test_gluon_forward_compiles_for_sm90():
         "            assert k.metadata.shared <= 232448, k.metadata.shared\n"
         "            assert 'wgmma.mma_async' in k.asm['ptx'] and 'setmaxnreg' in k.asm['ptx']\n"
         "            print('ok', causal, d, dt)\n"
+        "from inductor_flex.printer import print_mod\n"
+        "from inductor_flex.variants import generate_alibi_bias, generate_tanh_softcap\n"
+        "for mod in (generate_tanh_softcap(30.0), generate_alibi_bias(16)):\n"
+        "    src = G.hooked_source(print_mod(mod, 'score_mod', 'cpu', fast_tanh=True))\n"
+        "    for causal in (False, True):\n"
+        "        k = G.cross_compile(causal, 128, torch.bfloat16, hooked=src)\n"
+        "        assert k.metadata.shared <= 232448, k.metadata.shared\n"
+        "        ptx = k.asm['ptx']\n"
+        "        assert 'wgmma.mma_async' in ptx and ('tanh.approx.f32' in ptx) == mod.__name__.startswith('softcap')\n"
+        "        print('ok', mod.__name__, causal)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert res.stdout.count("ok ") == 8
+    assert res.stdout.count("ok ") == 12
+
+
+def _hook(source: str) -> str:
+    return source[source.index("# >>> score hook"):source.index("# <<< score hook")]
+
+
+def test_score_mod_printed_into_the_gluon_hook():
+    """A score_mod's printed Triton becomes score_hook in a copy of the kernel's module: Gluon
+    throughout, the rest of the module untouched; what Gluon cannot say keeps the template."""
+    pytest.importorskip("triton.experimental.gluon")
+    from inductor_flex.printer import print_mod
+    from inductor_flex.variants import generate_alibi_bias, generate_head_scale, generate_tanh_softcap
+
+    plain = G._module_source()
+    src = G.hooked_source(print_mod(generate_tanh_softcap(30.0), "score_mod", "cpu", fast_tanh=True))
+    hook = _hook(src)
+    assert "def score_hook(qk, sm_scale, b, h, q_idx, kv_idx, caps):" in hook
+    assert "return score_mod_scaled(qk, sm_scale, b, h, q_idx, kv_idx)" in hook
+    assert "tanh.approx.f32" in hook and "gl.inline_asm_elementwise" in hook
+    assert "tl." not in hook and "@triton.jit" not in hook and "softcap_30" in hook
+    assert src.replace(hook, "") == plain.replace(_hook(plain), "")
+    alibi = _hook(G.hooked_source(print_mod(generate_alibi_bias(16), "score_mod", "cpu")))
+    assert "gl.exp2(" in alibi and "kv_idx - q_idx" in alibi
+
+    sig = print_mod(lambda s, b, h, q, kv: torch.sigmoid(s), "score_mod", "cpu")
+    assert "tl.sigmoid" in sig.source and G.hooked_source(sig) is None  # Gluon has no sigmoid
+    caps = print_mod(generate_head_scale(torch.rand(4)), "score_mod", "cpu")
+    assert G.hooked_source(caps) is None  # captured tensors: G.CAPTURED_OK
+
+
+def test_gluon_dialect_gives_created_tiles_the_score_layout():
+    pytest.importorskip("triton.experimental.gluon")
+    src = ("@triton.jit\ndef score_mod_scaled(qk, qk_scale, b, h, q_idx, kv_idx):\n"
+           "    t0 = tl.full([1, 1], 0, tl.int32) + tl.where(h < 0, h + 4, h)\n"
+           "    return tl.where(q_idx >= kv_idx, qk + t0, tl.full(qk.shape, float('-inf'), tl.float32)), 1.0\n")
+    out = G.gluon_dialect(src)
+    assert out.startswith("@gluon.jit\ndef score_mod_scaled(qk, qk_scale, b, h, q_idx, kv_idx):\n"
+                          "    _layout: gl.constexpr = qk.type.layout\n")
+    assert "gl.full([1, 1], 0, gl.int32, _layout) + gl.where(h < 0, h + 4, h)" in out
+    assert "gl.full(qk.shape, float('-inf'), gl.float32, _layout)" in out and "tl." not in out
 
 
 def test_identity_score_mod_detected_in_dynamo_subgraphs():
@@ -126,3 +176,46 @@ def test_kernel_source_shows_the_gluon_kernel_where_it_runs(mode, monkeypatch):
     # a layout the kernel cannot read through TMA: the template runs, and is shown
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)
     assert "def flex_fwd_kernel(" in inductor_flex.kernel_source(qt, qt, qt, block_mask=bm)
+
+
+def test_compiled_route_takes_score_mods_with_a_gluon_form(monkeypatch):
+    """Under torch.compile a dense call with a score_mod goes to the custom op (whose plan runs the
+    hooked kernel) when the mod prints to Gluon, captures no tensor and the length is from
+    MIN_LEN_SCORE on; otherwise the Inductor template keeps it. (Hopper faked: the decision only.)"""
+    pytest.importorskip("triton.experimental.gluon")
+    if not compat.gluon_hopper_ready():
+        pytest.skip("this Triton has no Gluon warp specialization")
+    from inductor_flex.variants import generate_tanh_softcap
+
+    monkeypatch.setattr(G, "available", lambda device: True)
+    no_mask = (4096, 4096, None, None, None, None, None, None, None, None, 128, 128, None)
+
+    def serves(score_mod, L=4096, bufs=(), opts=None):
+        q = torch.empty(1, 2, L, 128, dtype=torch.bfloat16)
+        return G.serves_compiled(q, q, q, score_mod, no_mask, opts or {}, bufs)
+
+    softcap = generate_tanh_softcap(30.0)
+    assert serves(softcap)
+    assert not serves(softcap, L=G.MIN_LEN_SCORE[128] // 2)
+    assert not serves(lambda s, b, h, q, kv: torch.sigmoid(s))
+    assert not serves(lambda s, b, h, q, kv, t: s * t[h], bufs=(torch.ones(2),))
+    assert not serves(softcap, opts={"GLUON": False})
+    from inductor_flex.hop import identity_score
+
+    assert serves(identity_score, L=G.MIN_LEN[128])
+
+
+def test_compiled_op_recovers_the_printed_score_functions():
+    """The custom op gets the rendered template's source; the hook is rebuilt from the score
+    functions in it, the same as from the PrintedMod the eager path holds."""
+    pytest.importorskip("triton.experimental.gluon")
+    from inductor_flex.kernel import ForwardPlan
+    from inductor_flex.printer import identity_mod, print_mod
+    from inductor_flex.variants import generate_tanh_softcap
+
+    sm = print_mod(generate_tanh_softcap(30.0), "score_mod", "cpu", fast_tanh=True)
+    shell = ForwardPlan.__new__(ForwardPlan)
+    shell.score, shell.mask = sm, identity_mod("mask_mod")
+    rendered = ForwardPlan._render_uncached(shell)
+    assert G.printed_score(rendered) == G.printed_score(sm.source) != ""
+    assert "def mask_mod(" not in G.printed_score(rendered)
