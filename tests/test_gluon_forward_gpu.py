@@ -203,45 +203,23 @@ def test_gluon_forward_falls_back(case):
 
 
 
-@pytest.mark.parametrize("D, L", [(128, 1024), (64, 4096)])
-def test_gluon_forward_under_compile(D, L, monkeypatch):
+@pytest.mark.parametrize("D, L, mod", [(128, 1024, None), (64, 4096, None), (128, 4096, "softcap30_bf16")])
+def test_gluon_forward_under_compile(D, L, mod, monkeypatch):
     """A dense call under torch.compile traces to the inductor_flex::flex_forward op, which runs the
-    Gluon kernel; forward and backward (the Inductor-rendered backward template) against float64."""
-    from conftest import assert_grads_close, record_calls
-
-    _needs_gluon()
-    calls = record_calls(monkeypatch, G, "launch", lambda *a, **kw: a[7])  # causal
-    shape = (1, 4, 2, L, L, D, D)
-    q, k, v = make_inputs(shape, torch.bfloat16, "cuda", requires_grad=True)
-    torch._dynamo.reset()
-    fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, enable_gqa=True, return_lse=True), fullgraph=True)
-    out, lse = fn(q, k, v)
-    assert calls == [False]  # one launch, dense
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    qd, kd, vd = (t.detach() for t in (q, k, v))
-    ref_out, ref_lse, _ = math_attention(qd.double(), kd.double(), vd.double(), None, None)
-    low_out, low_lse, _ = math_attention(qd, kd, vd, None, None)
-    assert_close_to_reference(out, ref_out, low_out, torch.bfloat16, "out")
-    assert_close_to_reference(lse, ref_lse, low_lse, torch.bfloat16, "lse")
-    assert_grads_close(q, k, v, grads, g, None, None, torch.bfloat16)
-
-
-def test_gluon_forward_score_mod_under_compile(monkeypatch):
-    """A dense softcap call under torch.compile goes to the custom op, whose plan runs the kernel
-    with the hook printed from the rendered source; forward and backward against float64."""
+    Gluon kernel (with a score_mod: the hook printed from the op's rendered source); forward and
+    backward (the Inductor-rendered backward template) against float64."""
     from conftest import assert_grads_close, record_calls
 
     _needs_gluon()
     calls = record_calls(monkeypatch, G, "launch", lambda *a, **kw: (a[7], a[8] is not None))  # causal, hooked
-    shape = (1, 4, 2, G.MIN_LEN_SCORE[128], G.MIN_LEN_SCORE[128], 128, 128)
+    shape = (1, 4, 2, L, L, D, D)
     q, k, v = make_inputs(shape, torch.bfloat16, "cuda", requires_grad=True)
-    score_mod = generate_tanh_softcap(30.0)
+    score_mod = SCORE_MODS[mod][0](4) if mod else None
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod, enable_gqa=True, return_lse=True),
                        fullgraph=True)
     out, lse = fn(q, k, v)
-    assert calls == [(False, True)]  # one launch, dense, with the hook
+    assert calls == [(False, mod is not None)]  # one launch, dense
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     qd, kd, vd = (t.detach() for t in (q, k, v))
