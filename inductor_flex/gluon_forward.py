@@ -2,8 +2,8 @@
 how it is launched.
 
 The kernel serves two masks, none (dense) and causal, the calls cuDNN and FlashAttention-3 are
-measured on, with any score_mod the FX printer's output can be written in Gluon for (gluon_dialect:
-softcap, ALiBi, a relative-bias table, ...), for 16-bit inputs with head dim 64 or 128, equal query
+measured on, with any score_mod the FX printer's output can be written in Gluon for and that captures no
+tensor (gluon_dialect, CAPTURED_OK: softcap, ALiBi, ...), for 16-bit inputs with head dim 64 or 128, equal query
 and key lengths that are multiples of 128, on a Hopper GPU whose Triton has Gluon's warp
 specialization, from the lengths where it measured faster than the template (MIN_LEN; any length
 with kernel_options GLUON=True). Every other call, and any call with GLUON=False or a pinned tile
@@ -162,9 +162,8 @@ def gluon_dialect(source: str) -> Optional[str]:
     from triton.experimental.gluon import language as gl
 
     out = []
-    for fn in re.split(r"\n(?=@triton\.jit\n)", source.strip("\n")):
-        m = re.match(r"@triton\.jit\ndef (\w+)\((\w+)", fn)
-        if m is None:
+    for name, first, fn in _jit_functions(source):
+        if name is None:
             return None
         fn = fn.replace("@triton.jit", "@gluon.jit", 1)
         uses_layout = False
@@ -182,7 +181,7 @@ def gluon_dialect(source: str) -> Optional[str]:
         fn = re.sub(r"\btl\.", "gl.", fn)
         if uses_layout:
             head_end = fn.index(":\n", fn.index("def ")) + 2
-            fn = f"{fn[:head_end]}    _layout: gl.constexpr = {m.group(2)}.type.layout\n{fn[head_end:]}"
+            fn = f"{fn[:head_end]}    _layout: gl.constexpr = {first}.type.layout\n{fn[head_end:]}"
         out.append(fn)
     return "\n\n\n".join(out) + "\n"
 
@@ -193,14 +192,17 @@ def printed_score(source: str) -> str:
     return _functions(source, ("score_mod", "score_mod_scaled"))
 
 
+def _jit_functions(source: str):
+    """(name, first parameter, text) of each top-level ``@triton.jit`` function of ``source``; name
+    None for a piece that is not one."""
+    for fn in re.split(r"\n(?=@triton\.jit\n)", source.strip("\n")):
+        m = re.match(r"@triton\.jit\ndef (\w+)\((\w*)", fn)
+        yield (m.group(1), m.group(2), fn) if m else (None, None, fn)
+
+
 def _functions(source: str, names) -> str:
     """The top-level ``@triton.jit`` functions of ``source`` named ``names``, in source order."""
-    keep = []
-    for fn in re.split(r"\n(?=@triton\.jit\n)", source.strip("\n")):
-        m = re.match(r"@triton\.jit\ndef (\w+)\(", fn)
-        if m is not None and m.group(1) in names:
-            keep.append(fn.strip("\n"))
-    return "\n\n\n".join(keep)
+    return "\n\n\n".join(fn.strip("\n") for name, _, fn in _jit_functions(source) if name in names)
 
 
 _hooked: dict = {}
